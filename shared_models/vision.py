@@ -1,0 +1,308 @@
+"""3D vision encoders: a ViT with HLIP's hierarchical attention, and a MONAI 3D ResNet.
+
+Both take a study tensor ``[B, S, C, D, H, W]`` (S scans; a plain volume ``[B, C, D, H, W]`` is a study of
+one scan) and return :class:`VisionOutput`: a token sequence ``[B, L, W]`` with a validity mask, so the
+pooling head, the report decoder and the multi-view fusion treat both encoders alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import VisionConfig
+
+
+@dataclass
+class VisionOutput:
+    """What a vision encoder returns.
+
+    tokens: ``[B, S*N, W]`` final-normed tokens, scan-major (scan s owns tokens ``s*N:(s+1)*N``).
+    valid: ``[B, S*N]`` True for tokens of real scans (False for padding scans).
+    grid: token grid ``(Dt, Ht, Wt)`` of one scan (before masking).
+    num_scans: S.
+    mask: MAE only: ``[B*S, Dt*Ht*Wt]`` with 1 where a token was hidden from the encoder.
+    ids_restore: MAE only: ``[B*S, Dt*Ht*Wt]`` the permutation that unshuffles kept + masked tokens.
+    """
+
+    tokens: Tensor
+    valid: Tensor
+    grid: tuple[int, int, int]
+    num_scans: int
+    mask: Tensor | None = None
+    ids_restore: Tensor | None = None
+
+
+def as_study(x: Tensor, scan_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``[B, C, D, H, W]`` or ``[B, S, C, D, H, W]`` -> (study ``[B, S, C, D, H, W]``, scan mask ``[B, S]``)."""
+    if x.dim() == 5:
+        x = x.unsqueeze(1)
+    if x.dim() != 6:
+        raise ValueError(
+            f"expected volumes [B, C, D, H, W] or studies [B, S, C, D, H, W], got shape {tuple(x.shape)}."
+        )
+    b, s = x.shape[:2]
+    if scan_mask is None:
+        scan_mask = torch.ones(b, s, dtype=torch.bool, device=x.device)
+    scan_mask = scan_mask.to(device=x.device, dtype=torch.bool)
+    if scan_mask.shape != (b, s):
+        raise ValueError(f"scan_mask should have shape {(b, s)}, got {tuple(scan_mask.shape)}.")
+    if not bool(scan_mask.any(dim=1).all()):
+        raise ValueError("every study needs at least one real scan; scan_mask has an all-False row.")
+    return x, scan_mask
+
+
+def sincos_position_3d(grid: tuple[int, int, int], width: int, device=None) -> Tensor:
+    """Fixed 3D sin-cos position embeddings ``[Dt*Ht*Wt, width]`` for any token grid.
+
+    The width is split in three equal even parts (depth, height, width axes), each a 1D sin-cos
+    embedding of the token index as in MAE; leftover channels are zero. Computed for the input's grid,
+    so crops and scans of any shape divisible by the patch size share one encoder.
+    """
+    per_axis = (width // 3) // 2 * 2
+    if per_axis < 2:
+        raise ValueError(f"width {width} is too small for 3D sin-cos positions (needs >= 6).")
+    freqs = 1.0 / (10000 ** (torch.arange(per_axis // 2, device=device, dtype=torch.float32) / (per_axis // 2)))
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [N, 3]
+    parts = []
+    for axis in range(3):
+        angles = coords[:, axis : axis + 1] * freqs  # [N, per_axis/2]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, width - emb.shape[1]))
+
+
+def token_grid(spatial: tuple[int, ...], patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    for axis, (size, p) in enumerate(zip(spatial, patch)):
+        if size % p:
+            raise ValueError(
+                f"input spatial size {tuple(spatial)} is not divisible by patch size {patch} (axis {axis})."
+            )
+    return tuple(size // p for size, p in zip(spatial, patch))  # type: ignore[return-value]
+
+
+def patchify(volumes: Tensor, patch: tuple[int, int, int]) -> Tensor:
+    """``[B, C, D, H, W]`` -> ``[B, N, pd*ph*pw*C]``, tokens in (d, h, w) raster order."""
+    b, c = volumes.shape[:2]
+    gd, gh, gw = token_grid(tuple(volumes.shape[2:]), patch)
+    pd, ph, pw = patch
+    x = volumes.reshape(b, c, gd, pd, gh, ph, gw, pw)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, gd, gh, gw, pd, ph, pw, C]
+    return x.reshape(b, gd * gh * gw, pd * ph * pw * c)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention from Linear layers and PyTorch SDPA (flash kernels on GPU; opacus-friendly)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT3D(nn.Module):
+    """3D ViT with anisotropic patches, sin-cos positions, MAE masking and HLIP hierarchical attention.
+
+    Attention levels (HLIP): a block attends over the whole ``study`` (all tokens of all real scans),
+    within one ``scan``, or within a ``slice`` group (``slice_group`` token slices along depth of a
+    scan). With ``study_attention_every = 0`` every block is a study block: a plain ViT. Masked (MAE)
+    inputs have no intact grid, so their slice blocks attend over the scan instead.
+
+    Args:
+        cfg: the ``vision`` section of the model config.
+        in_channels: input channels (1 for CT/MR).
+    """
+
+    def __init__(self, cfg: VisionConfig, in_channels: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = tuple(cfg.patch_size)
+        self.width = cfg.width
+        self.patch_embed = nn.Conv3d(in_channels, cfg.width, kernel_size=self.patch_size, stride=self.patch_size)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.levels = [self._level(i) for i in range(cfg.depth)]
+        self.apply(_init_weights)
+
+    def _level(self, index: int) -> str:
+        every = self.cfg.study_attention_every
+        if every == 0 or (index + 1) % every == 0:
+            return "study"
+        if self.cfg.slice_group and (index + 1) % max(self.cfg.scan_attention_every, 1) != 0:
+            return "slice"
+        return "scan"
+
+    def forward(
+        self,
+        x: Tensor,
+        scan_mask: Tensor | None = None,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> VisionOutput:
+        x, scan_mask = as_study(x, scan_mask)
+        b, s = x.shape[:2]
+        grid = token_grid(tuple(x.shape[3:]), self.patch_size)
+        tokens = self.patch_embed(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B*S, N, W]
+        tokens = tokens + sincos_position_3d(grid, self.width, tokens.device).to(tokens.dtype)
+        mask = ids_restore = None
+        if mask_ratio != 0.0:
+            if not 0.0 < mask_ratio < 1.0:
+                raise ValueError(f"mask_ratio should be in (0, 1), got {mask_ratio}.")
+            tokens, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
+        n = tokens.shape[1]
+        tokens = tokens.reshape(b, s, n, self.width)
+        for block, level in zip(self.blocks, self.levels):
+            if level == "slice" and mask is not None:
+                level = "scan"
+            tokens = self._run_block(block, level, tokens, scan_mask, grid)
+        tokens = self.norm(tokens.reshape(b, s * n, self.width))
+        valid = scan_mask[:, :, None].expand(b, s, n).reshape(b, s * n)
+        return VisionOutput(tokens, valid, grid, s, mask, ids_restore)
+
+    def _run_block(self, block: Block, level: str, tokens: Tensor, scan_mask: Tensor, grid) -> Tensor:
+        b, s, n, w = tokens.shape
+        key_mask = None
+        if level == "study":
+            x = tokens.reshape(b, s * n, w)
+            if not bool(scan_mask.all()):
+                key_mask = scan_mask[:, :, None].expand(b, s, n).reshape(b, s * n)
+        elif level == "scan":
+            x = tokens.reshape(b * s, n, w)
+        else:  # slice groups: tokens are depth-major, so g consecutive token slices are contiguous
+            g = self.cfg.slice_group
+            if grid[0] % g:
+                raise ValueError(f"token depth {grid[0]} is not divisible by vision.slice_group {g}.")
+            x = tokens.reshape(b * s * (grid[0] // g), g * grid[1] * grid[2], w)
+        if self.cfg.gradient_checkpointing and self.training:
+            x = checkpoint(block, x, key_mask, use_reentrant=False)
+        else:
+            x = block(x, key_mask)
+        return x.reshape(b, s, n, w)
+
+
+def random_masking(
+    tokens: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's per-sample random masking: keep ``round(N * (1 - ratio))`` tokens of each row.
+
+    Returns kept tokens ``[B, K, W]``, the mask ``[B, N]`` (1 = masked) and ``ids_restore`` ``[B, N]``.
+    """
+    b, n, w = tokens.shape
+    keep = max(1, int(round(n * (1.0 - mask_ratio))))
+    noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device)
+    ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    kept = torch.gather(tokens, 1, ids_keep[:, :, None].expand(b, keep, w))
+    mask = torch.ones(b, n, device=tokens.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return kept, mask, ids_restore
+
+
+class ResNet3DEncoder(nn.Module):
+    """MONAI's 3D ResNet (GroupNorm, stride-2 stem) as a token encoder.
+
+    The last feature map ``[C, d, h, w]`` becomes ``d*h*w`` tokens, projected to ``width``. GroupNorm
+    replaces MONAI's default BatchNorm so the encoder trains under opacus and does not mix statistics
+    across a site's batch. Hierarchical attention and MAE masking need a ViT.
+    """
+
+    def __init__(self, cfg: VisionConfig, in_channels: int = 1) -> None:
+        super().__init__()
+        from monai.networks.nets import ResNet
+
+        self.cfg = cfg
+        self.width = cfg.width
+        self.net = ResNet(
+            block=cfg.resnet_block,
+            layers=list(cfg.resnet_layers),
+            block_inplanes=[64, 128, 256, 512],
+            spatial_dims=3,
+            n_input_channels=in_channels,
+            conv1_t_stride=2,
+            norm=("group", {"num_groups": cfg.resnet_groups}),
+            feed_forward=False,
+        )
+        self.proj = nn.Linear(512 * (4 if cfg.resnet_block == "bottleneck" else 1), cfg.width)
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: Tensor, scan_mask: Tensor | None = None, mask_ratio: float = 0.0,
+                generator: torch.Generator | None = None) -> VisionOutput:
+        if mask_ratio != 0.0:
+            raise ValueError("MAE masking needs vision.kind 'vit'; the ResNet encoder has no tokens to mask.")
+        x, scan_mask = as_study(x, scan_mask)
+        b, s = x.shape[:2]
+        net = self.net
+        f = net.act(net.bn1(net.conv1(x.flatten(0, 1))))
+        if not net.no_max_pool:
+            f = net.maxpool(f)
+        f = net.layer4(net.layer3(net.layer2(net.layer1(f))))  # [B*S, C, d, h, w]
+        grid = tuple(f.shape[2:])
+        tokens = self.norm(self.proj(f.flatten(2).transpose(1, 2)))  # [B*S, n, W]
+        n = tokens.shape[1]
+        tokens = tokens.reshape(b, s * n, self.width)
+        valid = scan_mask[:, :, None].expand(b, s, n).reshape(b, s * n)
+        return VisionOutput(tokens, valid, grid, s)
+
+
+def build_vision_encoder(cfg: VisionConfig) -> nn.Module:
+    if cfg.kind == "vit":
+        return ViT3D(cfg)
+    if cfg.kind == "resnet":
+        return ResNet3DEncoder(cfg)
+    raise ValueError(f"vision.kind should be 'vit' or 'resnet', got {cfg.kind!r}.")
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv3d):
+        w = module.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "VisionOutput", "ViT3D", "ResNet3DEncoder", "build_vision_encoder", "patchify", "random_masking",
+    "sincos_position_3d", "as_study", "token_grid", "Attention", "Block", "count_parameters",
+]
