@@ -253,6 +253,7 @@ class ResNet3DEncoder(nn.Module):
             norm=("group", {"num_groups": cfg.resnet_groups}),
             feed_forward=False,
         )
+        _swap_batch_norm(self.net, cfg.resnet_groups)
         self.proj = nn.Linear(512 * (4 if cfg.resnet_block == "bottleneck" else 1), cfg.width)
         self.norm = nn.LayerNorm(cfg.width)
 
@@ -273,6 +274,19 @@ class ResNet3DEncoder(nn.Module):
         tokens = tokens.reshape(b, s * n, self.width)
         valid = scan_mask[:, :, None].expand(b, s, n).reshape(b, s * n)
         return VisionOutput(tokens, valid, grid, s)
+
+
+def _swap_batch_norm(module: nn.Module, groups: int) -> None:
+    """Replace every BatchNorm3d under ``module`` by GroupNorm(groups) with identity init.
+
+    Hand-written because MONAI 1.6.1's ResNet passes its ``norm`` argument to the stem only: its
+    ``_make_layer`` builds every residual block with its own default, batch norm.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm3d):
+            setattr(module, name, nn.GroupNorm(min(groups, child.num_features), child.num_features))
+        else:
+            _swap_batch_norm(child, groups)
 
 
 def build_vision_encoder(cfg: VisionConfig) -> nn.Module:

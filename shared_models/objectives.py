@@ -1,0 +1,111 @@
+"""Training objectives as small tasks over the model's named outputs, and their weighted sum.
+
+``training_losses(model, batch, weights)`` runs the model once for the objectives with a non-zero
+weight and returns ``{objective: loss, ..., "total": sum(weight * loss)}`` (open_clip's contract).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .config import OBJECTIVES
+from .reports import opposite_sentence_pairs
+
+
+def _clip(out: dict[str, Tensor], model) -> Tensor:
+    if model.cfg.clip_loss == "sigmoid":
+        return losses.siglip_loss(out["volume_embeddings"], out["text_embeddings"], out["logit_scale"], out["logit_bias"])
+    return losses.clip_loss(out["volume_embeddings"], out["text_embeddings"], out["logit_scale"])
+
+
+def _osl(out: dict[str, Tensor], model) -> Tensor:
+    return losses.opposite_sentence_loss(
+        out["osl_volume_embeddings"], out["osl_positive_embeddings"], out["osl_negative_embeddings"], out["logit_scale"]
+    )
+
+
+def _multiview(out: dict[str, Tensor], model) -> Tensor:
+    return losses.multiview_loss(out["view_embeddings"], out["view_prototypes"], out["logit_scale"])
+
+
+def _mae(out: dict[str, Tensor], model) -> Tensor:
+    return losses.mae_loss(out["mae_prediction"], out["mae_target"], out["mae_mask"], model.cfg.mae.norm_pix_loss)
+
+
+def _report(out: dict[str, Tensor], model) -> Tensor:
+    return losses.report_generation_loss(out["report_logits"], out["report_labels"])
+
+
+def _findings(out: dict[str, Tensor], model) -> Tensor:
+    return losses.findings_loss(out["findings_logits"], out["finding_labels"], out.get("finding_mask"))
+
+
+OBJECTIVE_TASKS: dict[str, Callable[[dict[str, Tensor], Any], Tensor]] = {
+    "clip": _clip, "osl": _osl, "multiview": _multiview, "mae": _mae, "report": _report, "findings": _findings,
+}
+assert tuple(OBJECTIVE_TASKS) == OBJECTIVES
+
+BATCH_COUPLED = ("clip", "osl", "multiview")
+"""Objectives whose loss couples the samples of a batch (not a sum of per-sample terms)."""
+
+
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Validated float weights; unknown names and negative or non-finite weights are errors."""
+    unknown = sorted(set(weights) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown objective(s) {unknown}; known objectives: {list(OBJECTIVES)}.")
+    checked = {}
+    for name, weight in weights.items():
+        weight = float(weight)
+        if not (weight >= 0.0 and weight != float("inf")):
+            raise ValueError(f"objective weight {name}={weight} should be finite and >= 0.")
+        checked[name] = weight
+    return checked
+
+
+def training_losses(model, batch: dict[str, Any], weights: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+    """Losses of every objective with a non-zero weight, plus ``total`` (their weighted sum).
+
+    Args:
+        model: a :class:`~shared_models.model.FoundationModel`.
+        batch: see the batch keys in :mod:`shared_models.model`. For OSL, ``osl_*`` keys may be left
+            out when the batch has ``findings`` (a list of per-study ``{finding: present}`` dicts).
+        weights: objective name -> weight; ``None`` uses the model config's ``objectives``.
+    """
+    active = {k: w for k, w in check_weights(model.cfg.objectives if weights is None else weights).items() if w > 0}
+    if not active:
+        raise ValueError("no objective has a non-zero weight; nothing to train.")
+    if "osl" in active and "osl_index" not in batch and "findings" in batch:
+        batch = {**batch, **osl_inputs(batch["findings"])}
+    out = model(batch, active)
+    result = {name: OBJECTIVE_TASKS[name](out, model) for name in active}
+    result["total"] = sum(active[name] * loss for name, loss in result.items())
+    return result
+
+
+def osl_inputs(
+    findings: Sequence[Mapping[str, bool]], rng: random.Random | None = None, max_pairs_per_study: int | None = None
+) -> dict[str, Any]:
+    """Flatten per-study findings into the OSL batch keys ``osl_index``, ``osl_positive``, ``osl_negative``.
+
+    Each mentioned finding of study i gives one (true sentence, opposite) pair about volume i; with
+    ``rng``, phrasing varies and at most ``max_pairs_per_study`` pairs are drawn per study.
+    """
+    index: list[int] = []
+    positive: list[str] = []
+    negative: list[str] = []
+    for i, study_findings in enumerate(findings):
+        pairs = opposite_sentence_pairs(dict(study_findings), rng)
+        if max_pairs_per_study is not None and len(pairs) > max_pairs_per_study:
+            pairs = (rng or random.Random(0)).sample(pairs, max_pairs_per_study)
+        for true_sentence, opposite in pairs:
+            index.append(i)
+            positive.append(true_sentence)
+            negative.append(opposite)
+    return {"osl_index": torch.tensor(index, dtype=torch.long), "osl_positive": positive, "osl_negative": negative}

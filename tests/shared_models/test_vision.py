@@ -1,0 +1,118 @@
+"""The 3D encoders: token grids of any divisible size, masking, and HLIP's attention levels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared_models.config import VisionConfig
+from shared_models.vision import ResNet3DEncoder, ViT3D, patchify, random_masking, sincos_position_3d
+
+
+def vit(**kw) -> ViT3D:
+    torch.manual_seed(0)
+    base = dict(width=48, depth=4, heads=3, patch_size=(4, 4, 4))
+    return ViT3D(VisionConfig(**{**base, **kw})).eval()
+
+
+def test_hierarchical_attention_with_one_scan_equals_plain_attention():
+    plain = vit()
+    hier = vit(study_attention_every=2)
+    hier.load_state_dict(plain.state_dict())
+    assert hier.levels == ["scan", "study", "scan", "study"]
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert torch.allclose(hier(x).tokens, plain(x).tokens, atol=1e-5)
+
+
+def test_padding_scans_do_not_change_real_scans():
+    hier = vit(study_attention_every=2)
+    x = torch.randn(2, 1, 16, 16, 16)
+    alone = hier(x).tokens
+    padded_study = torch.stack([x, 100 * torch.randn_like(x)], dim=1)  # [B, S=2, 1, D, H, W]
+    out = hier(padded_study, torch.tensor([[True, False], [True, False]]))
+    assert out.tokens.shape == (2, 2 * 64, 48)
+    assert torch.allclose(out.tokens[:, :64], alone, atol=1e-5)
+    assert out.valid[:, :64].all() and not out.valid[:, 64:].any()
+
+
+def test_study_blocks_mix_scans_and_scan_blocks_do_not():
+    x = torch.randn(1, 2, 1, 8, 8, 8)
+    changed = x.clone()
+    changed[:, 1] += 1.0
+    local_only = vit(study_attention_every=100)  # no block reaches the study level
+    a, b = local_only(x).tokens, local_only(changed).tokens
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)  # scan 0 unaffected by scan 1
+    mixed = vit(study_attention_every=2)
+    a, b = mixed(x).tokens, mixed(changed).tokens
+    assert not torch.allclose(a[:, :8], b[:, :8], atol=1e-4)
+
+
+def test_slice_groups_are_local_along_depth():
+    model = vit(depth=2, study_attention_every=100, slice_group=1, scan_attention_every=100)
+    assert model.levels == ["slice", "slice"]
+    x = torch.randn(1, 1, 16, 8, 8)  # token grid 4 x 2 x 2: 4 slice groups of 4 tokens
+    changed = x.clone()
+    changed[..., 12:, :, :] += 1.0  # last token slice only
+    a, b = model(x).tokens, model(changed).tokens
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 16, 16), (2, 1, 8, 16, 24), (1, 1, 32, 8, 8)])
+def test_any_input_divisible_by_patch_size(shape):
+    out = vit()(torch.randn(*shape))
+    grid = tuple(s // 4 for s in shape[2:])
+    assert out.grid == grid and out.tokens.shape == (shape[0], grid[0] * grid[1] * grid[2], 48)
+
+
+def test_anisotropic_patches():
+    model = vit(patch_size=(2, 4, 8))
+    out = model(torch.randn(1, 1, 8, 8, 16))
+    assert out.grid == (4, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((1, 16, 16, 16), "shape (1, 16, 16, 16)"), ((1, 1, 15, 16, 16), "not divisible by patch size")],
+)
+def test_bad_inputs_name_the_problem(shape, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        vit()(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.2])
+def test_mask_ratio_outside_open_interval_is_refused(ratio):
+    with pytest.raises(ValueError, match=f"mask_ratio should be in \\(0, 1\\), got {ratio}"):
+        vit()(torch.randn(1, 1, 8, 8, 8), mask_ratio=ratio)
+
+
+def test_random_masking_keeps_the_ratio_and_restores_order():
+    tokens = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 16, 1)
+    kept, mask, ids_restore = random_masking(tokens, 0.75, torch.Generator().manual_seed(0))
+    assert kept.shape == (2, 4, 1) and mask.sum(1).tolist() == [12.0, 12.0]
+    for row in range(2):  # kept tokens are exactly the unmasked positions
+        assert sorted(kept[row, :, 0].long().tolist()) == [i + 16 * row for i in range(16) if mask[row, i] == 0]
+    assert torch.equal(torch.sort(ids_restore, dim=1).values, torch.arange(16).expand(2, 16))
+
+
+def test_patchify_orders_voxels_per_patch():
+    volume = torch.arange(4 * 4 * 4, dtype=torch.float32).reshape(1, 1, 4, 4, 4)
+    patches = patchify(volume, (2, 2, 2))
+    assert patches.shape == (1, 8, 8)
+    assert patches[0, 0].tolist() == [0, 1, 4, 5, 16, 17, 20, 21]  # the first 2x2x2 corner
+    assert patches[0, 7].tolist() == [42, 43, 46, 47, 58, 59, 62, 63]
+
+
+def test_sincos_positions_are_distinct_and_bounded():
+    pos = sincos_position_3d((3, 4, 5), 48)
+    assert pos.shape == (60, 48) and pos.abs().max() <= 1.0
+    assert torch.cdist(pos, pos).add(torch.eye(60)).min() > 1e-3  # every token has its own position
+
+
+def test_resnet_encoder_tokens_and_no_masking():
+    enc = ResNet3DEncoder(VisionConfig(kind="resnet", width=32, resnet_layers=(1, 1, 1, 1), resnet_groups=8))
+    assert not any("BatchNorm" in type(m).__name__ for m in enc.modules())
+    out = enc(torch.randn(2, 1, 32, 32, 32))
+    assert out.tokens.shape[0] == 2 and out.tokens.shape[2] == 32 and out.valid.all()
+    with pytest.raises(ValueError, match="MAE masking needs vision.kind 'vit'"):
+        enc(torch.randn(1, 1, 32, 32, 32), mask_ratio=0.5)
