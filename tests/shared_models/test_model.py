@@ -145,3 +145,29 @@ def test_hundreds_of_steps_drive_every_objective_down(tiny_cfg):
     last = {k: v.item() for k, v in training_losses(model, batch, weights).items()}
     for name in OBJECTIVES:  # MAE draws a new random mask each step, so it cannot reach 0
         assert last[name] < 0.5 * first[name], (name, first[name], last[name])
+
+
+@pytest.mark.parametrize("preset", ["colipri", "t3d", "hlip", "supervised_clip"])
+def test_each_seed_preset_runs_a_training_step_of_its_objectives(preset, make_tiny_config):
+    """Each seed preset's own code path (ResNet-50 bottleneck, HLIP studies, ...) at shrunken sizes."""
+    cfg = load_preset(preset)
+    small_vision = {"depth": min(cfg.vision.depth, 3), "width": 48, "heads": 3, "resnet_layers": [1, 1, 1, 1]}
+    patch = cfg.vision.patch_size
+    size = [2 * p for p in patch] if cfg.vision.kind == "vit" else [32, 32, 32]
+    cfg = make_tiny_config(
+        vision={**cfg.vision.__dict__, **small_vision},
+        preprocess={"size": size}, multiview={"num_views": 2, "view_size": size},
+        vocabulary=cfg.vocabulary, objectives=cfg.objectives, clip_loss=cfg.clip_loss,
+    )
+    model = build_model(cfg)
+    batch = {**toy_batch(32), "finding_labels": torch.zeros(4, len(model.findings)), **osl_inputs(FINDINGS)}
+    if preset == "hlip":  # studies of up to 3 scans, one padded
+        batch["study"] = torch.randn(4, 3, 1, *size)
+        batch["study_mask"] = torch.tensor([[True, True, True], [True, False, False], [True, True, False]] + [[True] * 3])
+        del batch["volume"]
+    else:
+        batch["volume"] = torch.nn.functional.interpolate(batch["volume"], size=size)
+    losses = training_losses(model, batch)
+    assert set(losses) == set(cfg.objectives) | {"total"}
+    losses["total"].backward()
+    assert all(torch.isfinite(v) for v in losses.values())
