@@ -188,7 +188,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
-        return _build(cls, data, source, "")
+        return build_dataclass(cls, data, source, "")
 
     def replace(self, **sections: Any) -> "ModelConfig":
         """A copy with some fields or section fields replaced: ``cfg.replace(vision={"depth": 2})``."""
@@ -262,7 +262,7 @@ def load_config_file(path: str | Path) -> ModelConfig:
     base = data.pop("preset", None)
     if base is not None:
         data = _deep_merge(load_preset(base).to_dict(), data)
-    return _build(ModelConfig, data, str(path), "")
+    return build_dataclass(ModelConfig, data, str(path), "")
 
 
 def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +275,12 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     return out
 
 
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types against its annotations."""
+def build_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types against its annotations.
+
+    The one config loader of the project (model configs here, site configs in ``client``): an unknown
+    key or a wrong type raises an error naming ``source`` (the file) and the dotted key.
+    """
     if not isinstance(data, dict):
         raise TypeError(f"{source}: {prefix or 'config'} should be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
@@ -293,7 +297,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else _build(hint, value, source, key + ".")
+        return value if isinstance(value, hint) else build_dataclass(hint, value, source, key + ".")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -307,6 +311,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if len(value) != len(args):
             raise TypeError(f"{source}: {key} should have {len(args)} entries, got {value!r}.")
         return tuple(_coerce(a, v, source, key) for a, v in zip(args, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{source}: {key} should be a list, got {value!r}.")
+        return [_coerce(args[0], v, source, key) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{source}: {key} should be a mapping, got {value!r}.")

@@ -1,0 +1,135 @@
+"""``fedvlp-site``: the site operator's command line.
+
+    fedvlp-site ingest --config site.yaml       # PACS export -> manifest + preprocessed cache
+    fedvlp-site check  --config site.yaml       # validate config and cache, print a summary
+    fedvlp-site synth  --out DIR --profile general --studies 20 --seed 0   # a synthetic PACS export
+
+Exit status: 0 on success, 1 when the cache is unusable, 2 on a configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .ingest.cache import INGEST_REPORT, load_volume, read_manifest
+from .site_config import SiteConfigError, load_site_config
+
+
+def cmd_ingest(args) -> int:
+    from .ingest.pipeline import run_ingest
+
+    cfg = load_site_config(args.config)
+    report = run_ingest(cfg, progress=not args.quiet, workers=args.workers)
+    files = report["files"]
+    print(f"site {cfg.site_id}: {files['seen']} files seen: {files['ingested']} ingested, "
+          f"{files['skipped']} skipped, {files['failed']} failed ({report['duration_s']} s)")
+    print(f"  studies ingested: {report['studies']['ingested']} ({report['studies']['with_report']} with a report); "
+          f"series: {report['series']['ingested']} ({report['series']['processed']} processed, "
+          f"{report['series']['reused']} reused from the cache)")
+    for reason, info in report["reasons"].items():
+        print(f"  {info['kind']:7s} {info['count']:6d}  {reason}  (e.g. {info['examples'][0]})")
+    for reason, count in report["reports"]["problems"].items():
+        print(f"  report rows {count:6d}  {reason}")
+    print(f"  details: {Path(cfg.cache_dir) / INGEST_REPORT} and quarantine.jsonl")
+    return 0 if report["series"]["ingested"] else 1
+
+
+def check_cache(cfg) -> tuple[list[str], list[str]]:
+    """(summary lines, problems) for a site's cache; no problems means the site can train."""
+    from .ingest.pipeline import preprocess_fingerprint
+
+    cache = Path(cfg.cache_dir)
+    rows = read_manifest(cache)
+    problems: list[str] = []
+    if not rows:
+        return [], [f"no ingested series in {cache}; run: fedvlp-site ingest --config {cfg.source}"]
+    report_path = cache / INGEST_REPORT
+    pcfg = cfg.preprocess_config()
+    if report_path.is_file():
+        recorded = json.loads(report_path.read_text()).get("preprocess_fingerprint")
+        if recorded != preprocess_fingerprint(pcfg):
+            problems.append("the cache was made with other preprocessing settings than the config's; re-run ingest")
+    for row in rows:
+        try:
+            volume = load_volume(cache, row["cache_file"])
+            if tuple(volume.shape) != tuple(pcfg.size):
+                problems.append(f"{row['cache_file']}: shape {volume.shape}, expected {pcfg.size}")
+            elif not np.isfinite(volume).all():
+                problems.append(f"{row['cache_file']}: non-finite values")
+        except (OSError, ValueError) as err:
+            problems.append(f"{row['cache_file']}: unreadable ({err}); re-run ingest")
+    studies = {r["study_uid"]: r for r in rows}
+    labelled = [r for r in studies.values() if r["findings"] is not None]
+    if cfg.data.require_report and not labelled:
+        problems.append("no study has a report; check data.reports (key and columns) and the ingest report")
+    spacing = np.array([r["original_spacing"] for r in rows])
+    lines = [
+        f"site {cfg.site_id}: {len(studies)} studies, {len(rows)} series "
+        f"({', '.join(f'{m}: {n}' for m, n in sorted(Counter(r['modality'] for r in rows).items()))})",
+        f"  with a report: {len(labelled)} studies; vision-only: {len(studies) - len(labelled)}",
+        "  original spacing (mm) min-max per axis: "
+        + ", ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(spacing.min(0), spacing.max(0))),
+        f"  cached volumes: {len(rows)} x {tuple(pcfg.size)} at {tuple(pcfg.spacing)} mm",
+    ]
+    counts = Counter()
+    for r in labelled:
+        counts.update(name for name, present in r["findings"].items() if present)
+    if labelled:
+        lines.append("  finding prevalence (studies with the finding present):")
+        lines += [f"    {name:36s} {n:5d}  {100 * n / len(labelled):5.1f}%" for name, n in counts.most_common()]
+    return lines, problems
+
+
+def cmd_check(args) -> int:
+    cfg = load_site_config(args.config)
+    lines, problems = check_cache(cfg)
+    print("\n".join(lines))
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    print("OK: the site's cache is ready to train." if not problems else f"{len(problems)} problem(s) found.")
+    return 0 if not problems else 1
+
+
+def cmd_synth(args) -> int:
+    from .synth import write_synthetic_export
+
+    summary = write_synthetic_export(args.out, args.profile, args.studies, args.seed)
+    print(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedvlp-site", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ingest", help="ingest the site's PACS export into its cache")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workers", type=int, default=None, help="processes for series (default: compute.workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ingest)
+    p = sub.add_parser("check", help="validate the config and the cache, print a summary")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("synth", help="write a synthetic PACS export (DICOM, NIfTI, reports, masks)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--profile", default="general")
+    p.add_argument("--studies", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SiteConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
