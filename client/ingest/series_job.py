@@ -23,8 +23,10 @@ def process_series(job: dict[str, Any]) -> dict[str, Any]:
         if job["source"] == "nifti":
             from .nifti import load_nifti
 
+            import numpy as np
+
             array, affine, spacing = load_nifti(job["inputs"][0][0])
-            num_slices = int(array.shape[-1])
+            num_slices = int(array.shape[int(np.argmax(np.abs(affine[2, :3])))])  # the voxel axis along S
         else:
             from .dicom import DicomHeader, load_series
 

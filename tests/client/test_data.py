@@ -1,0 +1,76 @@
+"""The training dataset over a site cache yields what every objective needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.data import Collate, SiteDataset
+from client.ingest.pipeline import run_ingest
+from client.site_config import load_site_config
+from shared_models import OBJECTIVES, build_model, training_losses
+
+
+@pytest.fixture
+def site(tmp_path, ct_series_writer, site_yaml_writer):
+    for i in range(3):
+        ct_series_writer(tmp_path / "dicom" / f"s{i}", f"1.2.{i}", f"1.2.{i}.1", f"ACC{i}", slices=10, seed=i)
+    ct_series_writer(tmp_path / "dicom" / "s0b", "1.2.0", "1.2.0.2", "ACC0", slices=12, seed=9)  # a second scan
+    ct_series_writer(tmp_path / "dicom" / "img_only", "1.2.9", "1.2.9.1", "ACC9", slices=10)
+    (tmp_path / "reports.csv").write_text(
+        "AccessionNumber,ReportText\n"
+        'ACC0,"FINDINGS: Small left pleural effusion. The heart is enlarged. IMPRESSION: Effusion."\n'
+        'ACC1,"FINDINGS: No pleural effusion. A 12 mm nodule in the right lower lobe."\n'
+        'ACC2,"FINDINGS: Emphysema. No nodules. IMPRESSION: Emphysema."\n'
+    )
+    cfg = load_site_config(site_yaml_writer(tmp_path, data={"require_report": False}))
+    run_ingest(cfg, progress=False)
+    return cfg
+
+
+def test_vision_language_items_and_batches(site, make_tiny_config):
+    model_cfg = make_tiny_config()
+    data = SiteDataset(site.cache_dir, model_cfg)
+    assert len(data) == 3  # the image-only study is left out of vision-language batches
+    batch = Collate(model_cfg)([data[i] for i in range(3)])
+    assert batch["volume"].shape == (3, 1, 64, 64, 64) and batch["volume"].dtype == torch.float32
+    assert len(batch["report"]) == 3
+    assert "small left pleural effusion" in batch["report_target"][0].lower()  # studies sorted by UID: ACC0 first
+    assert batch["finding_labels"].shape == (3, 18) and batch["finding_labels"].sum() > 0
+    assert batch["osl_index"].numel() == len(batch["osl_positive"]) > 0
+    assert batch["views"].shape == (3, 2, 1, 32, 32, 32)
+    model = build_model(model_cfg)
+    losses = training_losses(model, batch, {name: 1.0 for name in OBJECTIVES})
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_vision_only_items_for_mae(site, make_tiny_config):
+    model_cfg = make_tiny_config()
+    data = SiteDataset(site.cache_dir, model_cfg, with_reports=False)
+    assert len(data) == 4
+    batch = Collate(model_cfg)([data[i] for i in range(4)])
+    assert "report" not in batch and batch["volume"].shape[0] == 4
+
+
+def test_hierarchical_models_get_padded_studies(site, make_tiny_config):
+    model_cfg = make_tiny_config(vision={"study_attention_every": 2})
+    data = SiteDataset(site.cache_dir, model_cfg, augment=False)
+    batch = Collate(model_cfg)([data[i] for i in range(3)])
+    assert batch["study"].shape[:2] == (3, 2)
+    assert batch["study_mask"].tolist() == [[True, True], [True, False], [True, False]]
+
+
+def test_augmentation_is_deterministic_per_seed_and_epoch(site, make_tiny_config):
+    model_cfg = make_tiny_config()
+    a, b = SiteDataset(site.cache_dir, model_cfg, seed=3), SiteDataset(site.cache_dir, model_cfg, seed=3)
+    assert [a[i]["report"] for i in range(3)] == [b[i]["report"] for i in range(3)]
+    texts = set()
+    for epoch in range(30):
+        a.set_epoch(epoch)
+        texts.add(a[0]["report"])
+    assert len(texts) > 1  # COLIPRI's augmentation varies the report between epochs
+
+
+def test_an_empty_cache_is_a_clear_error(tmp_path, make_tiny_config):
+    with pytest.raises(ValueError, match="no studies with a report in .*run fedvlp-site ingest"):
+        SiteDataset(tmp_path, make_tiny_config())

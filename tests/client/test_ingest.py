@@ -1,0 +1,291 @@
+"""Ingest: each kind of bad input ends as a named reason while the rest of the export is ingested."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from client.cli import main as site_cli
+from client.ingest import reasons
+from client.ingest.cache import load_volume, read_jsonl, read_manifest
+from client.ingest.pipeline import run_ingest
+from client.site_config import load_site_config
+
+GOOD_REPORTS = {
+    "ACC1": "FINDINGS: Small right pleural effusion. No nodules. IMPRESSION: Effusion.",
+    "ACC2": "FINDINGS: The heart is enlarged. No effusion. IMPRESSION: Cardiomegaly.",
+}
+
+
+def write_reports(root: Path, extra: list[tuple[str, str]] = (), raw_tail: bytes = b"") -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["AccessionNumber", "ReportText"])
+    for acc, text in list(GOOD_REPORTS.items()) + list(extra):
+        writer.writerow([acc, text])
+    (root / "reports.csv").write_bytes(buffer.getvalue().encode() + raw_tail)
+
+
+@pytest.fixture
+def export(tmp_path, ct_series_writer):
+    ct_series_writer(tmp_path / "dicom" / "PAT1" / "S1", "1.2.3.1", "1.2.3.1.1", "ACC1", seed=1)
+    ct_series_writer(tmp_path / "dicom" / "deep" / "er" / "x", "1.2.3.2", "1.2.3.2.1", "ACC2", seed=2)
+    write_reports(tmp_path)
+    return tmp_path
+
+
+def bare_dicom(path: Path, with_pixels: bool = False, transfer_syntax=ExplicitVRLittleEndian) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, "9.9.9.1"
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "9.9.9.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.AccessionNumber = "9.9", "9.9.9", "CT", "ACC9"
+    ds.Rows, ds.Columns = 4, 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if with_pixels:
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([b"\x00" * 32])
+        ds["PixelData"].VR = "OB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+CASES = {}
+
+
+def case(name):
+    """Register a bad-input case: it damages the export and returns (where the refusal shows, reason)."""
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+@case("truncated file")
+def _(root, write):
+    paths = write(root / "dicom" / "t", "1.2.3.7", "1.2.3.7.1", "ACC7", slices=8)
+    paths[0].write_bytes(paths[0].read_bytes()[:300])
+    return paths[0].name, reasons.UNREADABLE_DICOM
+
+
+@case("text file named .dcm")
+def _(root, write):
+    (root / "dicom" / "notes.dcm").write_text("hello")
+    return "notes.dcm", reasons.NOT_DICOM
+
+
+@case("DICOM without pixels")
+def _(root, write):
+    bare_dicom(root / "dicom" / "nopix" / "IM1")
+    return "nopix", reasons.NO_PIXEL_DATA
+
+
+@case("JPEG 2000 without a decoder")
+def _(root, write):
+    bare_dicom(root / "dicom" / "j2k" / "IM1", True, "1.2.840.10008.1.2.4.90")
+    return "j2k", reasons.UNSUPPORTED_TRANSFER_SYNTAX
+
+
+@case("mixed sizes in a series")
+def _(root, write):
+    write(root / "dicom" / "mixed", "1.2.3.3", "1.2.3.3.1", "ACC1", slices=10, rows_per_slice=[32] * 9 + [16])
+    return "mixed", reasons.INCONSISTENT_GEOMETRY
+
+
+@case("duplicate slices")
+def _(root, write):
+    write(root / "dicom" / "dup", "1.2.3.4", "1.2.3.4.1", "ACC1", z_positions=[0, 2.5, 5, 5, 7.5, 10, 12.5, 15, 17.5, 20])
+    return "dup", reasons.DUPLICATE_SLICES
+
+
+@case("a gap in a series")
+def _(root, write):
+    write(root / "dicom" / "gap", "1.2.3.5", "1.2.3.5.1", "ACC1", z_positions=[0, 2.5, 5, 7.5, 10, 20, 22.5, 25, 27.5, 30])
+    return "gap", reasons.MISSING_SLICES
+
+
+@case("zero spacing")
+def _(root, write):
+    write(root / "dicom" / "zero", "1.2.3.6", "1.2.3.6.1", "ACC1", slices=10, pixel_spacing=(0.0, 0.0))
+    return "zero", reasons.BAD_SPACING
+
+
+@case("NaN spacing")
+def _(root, write):
+    write(root / "dicom" / "nan", "1.2.3.8", "1.2.3.8.1", "ACC1", slices=10, pixel_spacing=(float("nan"),) * 2)
+    return "nan", reasons.BAD_SPACING
+
+
+@case("series too small")
+def _(root, write):
+    write(root / "dicom" / "small", "1.2.3.9", "1.2.3.9.1", "ACC1", slices=4)
+    return "small", reasons.SERIES_TOO_SMALL
+
+
+@case("localizer")
+def _(root, write):
+    write(root / "dicom" / "scout", "1.2.3.10", "1.2.3.10.1", "ACC1", slices=2, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    return "scout", reasons.NOT_AN_IMAGE_SERIES
+
+
+@case("modality not selected")
+def _(root, write):
+    write(root / "dicom" / "mr", "1.2.3.11", "1.2.3.11.1", "ACC1", slices=10, modality="MR")
+    return "mr", reasons.MODALITY_NOT_SELECTED
+
+
+@case("duplicate file")
+def _(root, write):
+    shutil.copy(sorted((root / "dicom" / "PAT1" / "S1").iterdir())[0], root / "dicom" / "copy_of_slice")
+    return "copy_of_slice", reasons.DUPLICATE_FILE
+
+
+@case("study without a report")
+def _(root, write):
+    write(root / "dicom" / "norep", "1.2.3.12", "1.2.3.12.1", "ACC-NONE", slices=10)
+    return "norep", reasons.NO_MATCHING_REPORT
+
+
+@case("link escaping the export root")
+def _(root, write):
+    (root / "outside.txt").write_text("secret")
+    os.symlink(root / "outside.txt", root / "dicom" / "escape")
+    return "escape", reasons.OUTSIDE_EXPORT_ROOT
+
+
+@case("non-UTF-8 report row")
+def _(root, write):
+    write_reports(root, raw_tail=b'ACC5,"Pl\xe9ural effusion"\n')
+    return "reports.csv:4", reasons.UNREADABLE_REPORT_ROW
+
+
+@case("empty report")
+def _(root, write):
+    write_reports(root, [("ACC6", "   ")])
+    return "reports.csv:4", reasons.EMPTY_REPORT
+
+
+@case("report for an unknown study")
+def _(root, write):
+    write_reports(root, [("ACC404", "No effusion.")])
+    return "reports.csv:4", reasons.REPORT_FOR_UNKNOWN_STUDY
+
+
+@case("unreadable NIfTI")
+def _(root, write):
+    (root / "broken.nii.gz").write_bytes(gzip.compress(b"not a nifti header"))
+    (root / "nifti.csv").write_text("path,study_id,series_id,modality,accession_number\nbroken.nii.gz,N1,N1.1,CT,ACC1\n")
+    return "broken.nii.gz", reasons.UNREADABLE_NIFTI
+
+
+@case("report CSV with missing columns")
+def _(root, write):
+    (root / "reports.csv").write_text("Acc,Text\nACC1,x\n")
+    return "reports.csv", reasons.REPORT_FILE_UNUSABLE
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_named_and_the_rest_is_ingested(name, export, ct_series_writer, site_yaml_writer):
+    where, reason = CASES[name](export, ct_series_writer)
+    overrides = {}
+    if name == "unreadable NIfTI":
+        overrides["data"] = {"nifti_manifest": str(export / "nifti.csv")}
+    if name == "report CSV with missing columns":  # no report can be joined: keep the images for MAE
+        overrides["data"] = {"require_report": False}
+    if name == "modality not selected":
+        overrides["data"] = {"modalities": ["CT"]}
+    cfg = load_site_config(site_yaml_writer(export, **overrides))
+    report = run_ingest(cfg, progress=False)
+
+    quarantine = read_jsonl(Path(cfg.cache_dir) / "quarantine.jsonl")
+    hits = [q for q in quarantine if q["reason"] == reason and where in q["input"]]
+    assert hits, (reason, where, quarantine)
+    ingested = {row["accession_number"] for row in read_manifest(cfg.cache_dir)}
+    assert {"ACC1", "ACC2"} <= ingested
+    files = report["files"]
+    assert files["seen"] == files["ingested"] + files["skipped"] + files["failed"]
+    on_disk = {str(p) for p in (export / "dicom").rglob("*") if p.is_file() or p.is_symlink()}
+    quarantined = {q["input"] for q in quarantine}
+    assert files["ingested"] >= 40  # the 2 good series of 20 slices
+    assert len(on_disk - quarantined) == files["ingested"]  # every file not quarantined was ingested
+
+
+def test_report_text_findings_and_cache(export, site_yaml_writer):
+    cfg = load_site_config(site_yaml_writer(export))
+    run_ingest(cfg, progress=False)
+    rows = {row["accession_number"]: row for row in read_manifest(cfg.cache_dir)}
+    assert rows["ACC1"]["findings"] == {"Pleural effusion": True, "Lung nodule": False}
+    assert rows["ACC2"]["findings"] == {"Cardiomegaly": True, "Pleural effusion": False}
+    assert rows["ACC1"]["num_slices"] == 20 and rows["ACC1"]["original_spacing"] == [2.5, 1.5, 1.5]
+    volume = load_volume(cfg.cache_dir, rows["ACC1"]["cache_file"])
+    assert volume.dtype == np.float16 and volume.shape == (64, 64, 64) and np.isfinite(volume).all()
+
+
+def test_reingest_of_an_unchanged_export_reads_no_file_and_picks_up_new_studies(
+        export, ct_series_writer, site_yaml_writer, monkeypatch):
+    cfg = load_site_config(site_yaml_writer(export))
+    first = run_ingest(cfg, progress=False)
+    assert first["series"]["processed"] == 2
+
+    import client.ingest.dicom as dicom
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unchanged file was read again")
+
+    monkeypatch.setattr(dicom, "read_header", refuse)
+    monkeypatch.setattr(dicom, "load_series", refuse)
+    second = run_ingest(cfg, progress=False)
+    assert second["series"] == {"ingested": 2, "processed": 0, "reused": 2}
+    monkeypatch.undo()
+
+    ct_series_writer(export / "dicom" / "new", "1.2.3.20", "1.2.3.20.1", "ACC3", slices=10)
+    write_reports(export, [("ACC3", "No pleural effusion.")])
+    third = run_ingest(cfg, progress=False)
+    assert third["series"] == {"ingested": 3, "processed": 1, "reused": 2}
+    assert third["files"]["ingested"] == 50
+
+
+def test_parallel_ingest_matches_serial(export, site_yaml_writer):
+    serial = load_site_config(site_yaml_writer(export))
+    run_ingest(serial, progress=False, workers=0)
+    a = {r["series_key"]: np.asarray(load_volume(serial.cache_dir, r["cache_file"])) for r in read_manifest(serial.cache_dir)}
+    shutil.rmtree(serial.cache_dir)
+    run_ingest(serial, progress=False, workers=2)
+    b = {r["series_key"]: np.asarray(load_volume(serial.cache_dir, r["cache_file"])) for r in read_manifest(serial.cache_dir)}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cli_ingest_then_check(export, site_yaml_writer, capsys):
+    path = site_yaml_writer(export)
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 0
+    assert "40 ingested" in capsys.readouterr().out
+    assert site_cli(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 studies, 2 series (CT: 2)" in out and "Pleural effusion" in out and "OK" in out
+    report = json.loads((export / "cache" / "ingest_report.json").read_text())
+    assert report["files"]["ingested"] == 40
+    first = read_manifest(export / "cache")[0]
+    (export / "cache" / first["cache_file"]).unlink()
+    assert site_cli(["check", "--config", str(path)]) == 1
+    assert "re-run ingest" in capsys.readouterr().err
+
+
+def test_cli_configuration_error_exits_2(tmp_path, capsys):
+    (tmp_path / "site.yaml").write_text("site_id: x\n")
+    assert site_cli(["check", "--config", str(tmp_path / "site.yaml")]) == 2
+    assert "cache_dir: is required" in capsys.readouterr().err
