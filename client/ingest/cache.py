@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-MANIFEST = "manifest.jsonl"
-INGEST_REPORT = "ingest_report.json"
+from shared_models.cohort import INGEST_REPORT, MANIFEST, load_volume, read_manifest  # noqa: F401 (re-exported)
+
 QUARANTINE = "quarantine.jsonl"
 FILE_INDEX = "file_index.json"
 VOLUMES = "volumes"
@@ -52,10 +52,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def read_manifest(cache_dir: str | Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(cache_dir) / MANIFEST)
-
-
 def volume_path(cache_dir: str | Path, series_key: str) -> Path:
     return Path(cache_dir) / VOLUMES / f"{series_key}.npy"
 
@@ -68,8 +64,3 @@ def write_volume(cache_dir: str | Path, series_key: str, volume: np.ndarray) -> 
     np.save(tmp, np.ascontiguousarray(volume, dtype=np.float16))
     os.replace(tmp, path)
     return str(path.relative_to(cache_dir))
-
-
-def load_volume(cache_dir: str | Path, relative: str, mmap: bool = True) -> np.ndarray:
-    """A cached volume ``[D, H, W]`` float16, memory-mapped by default (no copy until used)."""
-    return np.load(Path(cache_dir) / relative, mmap_mode="r" if mmap else None)

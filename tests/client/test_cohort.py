@@ -1,11 +1,11 @@
-"""The training dataset over a site cache yields what every objective needs."""
+"""The cohort dataset over an ingested site cache yields what every objective needs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from client.data import Collate, SiteDataset
+from shared_models.cohort import Collate, SiteDataset
 from client.ingest.pipeline import run_ingest
 from client.site_config import load_site_config
 from shared_models import OBJECTIVES, build_model, training_losses

@@ -1,4 +1,7 @@
-"""A site's cached studies as training batches for every objective.
+"""A cohort cache (what ``fedvlp-site ingest`` writes) read back as batches for every objective.
+
+Sites train on their cache and the central evaluator reads a held-out cohort's cache, so the
+reading side lives here, shared; the writing side is the site's ingest (``client.ingest``).
 
 :class:`SiteDataset` yields one study per item: its primary volume, up to ``max_scans`` scans for
 HLIP studies, the report (augmented as COLIPRI does: sentence shuffle, short-sentence reports), the
@@ -8,6 +11,7 @@ report to generate, and the findings. :class:`Collate` stacks items into the bat
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -17,12 +21,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shared_models.config import ModelConfig
-from shared_models.objectives import osl_inputs
-from shared_models.reports import augment_report, findings_vector, report_body
-from shared_models.volumes import random_views
+from .config import ModelConfig
+from .objectives import osl_inputs
+from .reports import augment_report, findings_vector, report_body
+from .volumes import random_views
 
-from .ingest.cache import load_volume, read_manifest
+MANIFEST = "manifest.jsonl"
+INGEST_REPORT = "ingest_report.json"
+
+
+def read_manifest(cache_dir: str | Path) -> list[dict[str, Any]]:
+    """The manifest rows of a cohort cache (one per ingested series); [] when there is none."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_volume(cache_dir: str | Path, relative: str, mmap: bool = True) -> np.ndarray:
+    """A cached preprocessed volume ``[D, H, W]`` (float16), memory-mapped by default."""
+    return np.load(Path(cache_dir) / relative, mmap_mode="r" if mmap else None)
 
 
 class SiteDataset(Dataset):
