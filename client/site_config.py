@@ -26,7 +26,7 @@ Schema (every key optional unless marked; relative paths are relative to the YAM
         api_key_env: null               # name of an environment variable holding the endpoint's key
         timeout_s: 30
     preprocess: {}                      # overrides of the model's preprocessing (spacing, size, ...)
-    compute: {device: auto, batch_size: 4, workers: 2, amp: true, grad_accum: 1}
+    compute: {device: auto, batch_size: 4, workers: 2, amp: true, grad_accum: 1, threads: null}
     privacy: {sample_dp: false, noise_multiplier: 1.0, max_grad_norm: 1.0, target_delta: 1.0e-5,
               allowed_fab_hashes: []}
     metrics: {port: null}
@@ -87,6 +87,7 @@ class ComputeConfig:
     workers: int = 2
     amp: bool = True
     grad_accum: int = 1
+    threads: int | None = None  # torch CPU threads; None = torch's default
 
 
 @dataclass
@@ -120,10 +121,10 @@ class SiteConfig:
     def cache_path(self) -> Path:
         return Path(self.cache_dir)
 
-    def model_config(self) -> ModelConfig:
-        """The model config (preset or file), with the site's text model folder and preprocessing."""
-        cfg = load_preset(self.model) if "/" not in self.model and not self.model.endswith(".yaml") \
-            else load_config_file(self.model)
+    def model_config(self, preset: str | None = None) -> ModelConfig:
+        """The model config (``preset``, else the site's ``model``), with the site's text folder and preprocessing."""
+        name = preset or self.model
+        cfg = load_preset(name) if "/" not in name and not name.endswith(".yaml") else load_config_file(name)
         overrides: dict[str, Any] = {}
         if self.text_model_dir:
             overrides["text"] = {"model_dir": self.text_model_dir}

@@ -1,0 +1,84 @@
+"""A site's local round: reproducible, FedProx-aware, optimizer state kept, non-finite weights refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from client.ingest.pipeline import run_ingest
+from client.site_config import load_site_config
+from client.train import NonFiniteUpdate, RoundConfig, train_round
+from shared_models import build_model, model_to_arrays
+
+TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+
+
+@pytest.fixture
+def trained_site(tmp_path, ct_series_writer, site_yaml_writer):
+    for i in range(3):
+        ct_series_writer(tmp_path / "dicom" / f"s{i}", f"1.2.{i}", f"1.2.{i}.1", f"ACC{i}", slices=10, seed=i)
+    (tmp_path / "reports.csv").write_text(
+        "AccessionNumber,ReportText\n"
+        'ACC0,"Small left pleural effusion. The heart is enlarged."\n'
+        'ACC1,"No pleural effusion. A 12 mm nodule in the right lower lobe."\n'
+        'ACC2,"Emphysema. No nodules."\n'
+    )
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(yaml.safe_dump({"preset": "tiny", "text": {"random_init": TINY_TEXT}}))
+    cfg = load_site_config(site_yaml_writer(tmp_path, compute={"batch_size": 2, "workers": 0}, model=str(model_yaml)))
+    run_ingest(cfg, progress=False)
+    model = build_model(cfg.model_config())
+    return cfg, str(model_yaml), model_to_arrays(model)
+
+
+def config(preset, **kw):
+    base = dict(server_round=1, preset=preset, local_steps=4, lr=1e-3, run_key="test",
+                weights={"clip": 1.0, "osl": 0.5, "mae": 1.0, "findings": 1.0})
+    return RoundConfig(**{**base, **kw})
+
+
+def update_norm(a, b):
+    return float(np.sqrt(sum(((a[k] - b[k]).astype(np.float64) ** 2).sum() for k in a)))
+
+
+def test_a_round_trains_and_is_reproducible(trained_site):
+    cfg, preset, start = trained_site
+    first = train_round(cfg, start, config(preset))
+    assert set(first.arrays) == set(start) and update_norm(first.arrays, start) > 0
+    assert first.num_examples == 4 * 2
+    assert {"loss.clip", "loss.mae", "train-loss", "volumes-per-second"} <= set(first.metrics)
+    again = train_round(cfg, start, config(preset))
+    assert all(np.array_equal(first.arrays[k], again.arrays[k]) for k in start)
+
+
+def test_the_round_flat_config_round_trips():
+    rc = config("tiny", proximal_mu=0.1)
+    assert RoundConfig.from_flat(rc.to_flat()) == rc
+
+
+def test_optimizer_state_carries_to_the_next_round(trained_site):
+    cfg, preset, start = trained_site
+    one = train_round(cfg, start, config(preset))
+    assert one.metrics["optimizer-resumed"] == 0.0
+    two = train_round(cfg, one.arrays, config(preset, server_round=2))
+    assert two.metrics["optimizer-resumed"] == 1.0
+
+
+def test_fedprox_term_keeps_the_update_closer_to_the_global_model(trained_site):
+    cfg, preset, start = trained_site
+    free = train_round(cfg, start, config(preset, local_steps=6, run_key="free"))
+    held = train_round(cfg, start, config(preset, local_steps=6, run_key="held", proximal_mu=1000.0))
+    assert update_norm(held.arrays, start) < update_norm(free.arrays, start)
+
+
+def test_non_finite_weights_are_never_returned(trained_site):
+    cfg, preset, start = trained_site
+    with pytest.raises(NonFiniteUpdate, match="non-finite weights"):
+        train_round(cfg, start, config(preset, lr=float("inf"), max_grad_norm=0.0))
+
+
+def test_a_cache_preprocessed_for_another_model_is_named(trained_site):
+    cfg, _, start = trained_site
+    with pytest.raises(ValueError, match="preprocessed for other settings .* re-run fedvlp-site ingest"):
+        train_round(cfg, start, config("colipri"))
