@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from shared_models.config import ModelConfig, PreprocessConfig, build_dataclass, load_config_file, load_preset
+from shared_models.config import ModelConfig, PreprocessConfig, build_dataclass, load_model_config
 
 
 class SiteConfigError(ValueError):
@@ -123,8 +123,7 @@ class SiteConfig:
 
     def model_config(self, preset: str | None = None) -> ModelConfig:
         """The model config (``preset``, else the site's ``model``), with the site's text folder and preprocessing."""
-        name = preset or self.model
-        cfg = load_preset(name) if "/" not in name and not name.endswith(".yaml") else load_config_file(name)
+        cfg = load_model_config(preset or self.model)
         overrides: dict[str, Any] = {}
         if self.text_model_dir:
             overrides["text"] = {"model_dir": self.text_model_dir}

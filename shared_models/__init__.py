@@ -5,7 +5,7 @@ This package imports neither flwr nor ``client`` nor ``server``.
 
 from __future__ import annotations
 
-from .config import OBJECTIVES, ModelConfig, available_presets, load_config_file, load_preset
+from .config import OBJECTIVES, ModelConfig, available_presets, load_config_file, load_model_config, load_preset
 from .model import FoundationModel, build_model
 from .objectives import BATCH_COUPLED, osl_inputs, training_losses
 from .reports import extract_findings
@@ -14,6 +14,6 @@ from .volumes import preprocess_volume
 
 __all__ = [
     "OBJECTIVES", "BATCH_COUPLED", "ModelConfig", "FoundationModel", "available_presets", "build_model",
-    "load_config_file", "load_preset", "training_losses", "osl_inputs", "extract_findings",
+    "load_config_file", "load_model_config", "load_preset", "training_losses", "osl_inputs", "extract_findings",
     "preprocess_volume", "model_to_arrays", "arrays_to_state_dict", "load_arrays", "unwrap_model",
 ]

@@ -248,6 +248,14 @@ def load_preset(name: str) -> ModelConfig:
     return load_config_file(Path(str(path)))
 
 
+def load_model_config(ref: str | Path) -> ModelConfig:
+    """A preset by name (``"tiny"``) or a model YAML by path (``"/site/model.yaml"``)."""
+    ref = str(ref)
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        return load_config_file(ref)
+    return load_preset(ref)
+
+
 def load_config_file(path: str | Path) -> ModelConfig:
     """A model config from a YAML file; a top-level ``preset:`` key starts from that preset."""
     path = Path(path)

@@ -1,0 +1,1 @@
+"""Central evaluation of global checkpoints on a held-out cohort."""

@@ -1,0 +1,115 @@
+"""The federated run: rounds of train-and-aggregate with checks, checkpoints, resume and evaluation.
+
+Our own loop instead of ``Strategy.start`` because a hospital federation needs what ``start`` lacks:
+per-round config (learning-rate schedule), a minimum of valid replies, a checkpoint after every
+round, resume from the latest complete checkpoint, and the participation record of each round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from shared_models import build_model, load_model_config, model_to_arrays
+
+from .checkpoint import RunFolder, load_arrays_file, restore_random_state
+from .settings import RunSettings
+from .strategy import build_strategy
+
+log = logging.getLogger(__name__)
+Evaluator = Callable[[int, dict[str, np.ndarray]], dict[str, Any]]
+
+
+def initial_arrays(settings: RunSettings) -> dict[str, np.ndarray]:
+    """A fresh model (seeded) or the ``init_checkpoint`` file, checked against the preset's layout."""
+    torch.manual_seed(settings.seed)
+    fresh = model_to_arrays(build_model(load_model_config(settings.preset)))
+    if not settings.init_checkpoint:
+        return dict(fresh)
+    loaded = load_arrays_file(settings.init_checkpoint)
+    missing = sorted(set(fresh) - set(loaded))
+    shapes = [k for k in set(fresh) & set(loaded) if fresh[k].shape != loaded[k].shape]
+    if shapes:
+        raise ValueError(f"init_checkpoint {settings.init_checkpoint}: {len(shapes)} arrays have other shapes "
+                         f"than preset {settings.preset!r} (e.g. {shapes[0]}).")
+    if missing:  # e.g. a released encoder without heads: the heads start fresh
+        log.warning("init_checkpoint lacks %d arrays (e.g. %s); they start from a fresh initialisation",
+                    len(missing), missing[0])
+    return {k: loaded.get(k, v) for k, v in fresh.items()}
+
+
+def round_config(settings: RunSettings, server_round: int, run_key: str) -> ConfigRecord:
+    flat = {
+        "server_round": server_round, "preset": settings.preset, "local_steps": settings.local_steps,
+        "lr": settings.lr_at(server_round), "run_key": run_key, "seed": settings.seed,
+        "mae_alternate": settings.mae_alternate, "weight_decay": settings.weight_decay,
+        "max_grad_norm": settings.max_grad_norm,
+        "proximal_mu": settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
+    }
+    flat.update({f"weight.{name}": float(w) for name, w in settings.objectives.items()})
+    return ConfigRecord(flat)
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None = None) -> dict[str, Any]:
+    """Run (or resume) the federation described by ``settings``; returns a summary."""
+    folder = RunFolder(settings.run_dir, keep=settings.keep_checkpoints)
+    strategy = build_strategy(settings)
+    latest = folder.latest()
+    if latest is not None:
+        if latest.state.get("settings", {}).get("preset") != settings.preset:
+            raise ValueError(f"{folder.root} holds a run of preset {latest.state['settings'].get('preset')!r}; "
+                             f"use another run folder for preset {settings.preset!r}.")
+        arrays, start = latest.arrays, latest.round + 1
+        strategy.load_state_arrays(latest.strategy_state)
+        restore_random_state(latest.state["python_random"])
+        run_key = latest.state["run_key"]
+        folder.truncate_history(latest.round)
+        log.info("resuming %s from its round-%d checkpoint", folder.root, latest.round)
+    else:
+        random.seed(settings.seed)
+        arrays, start = initial_arrays(settings), 1
+        run_key = hashlib.sha256(f"{Path(settings.run_dir).resolve()}|{time.time()}".encode()).hexdigest()[:16]
+        folder.save(0, arrays, {}, {"settings": settings.to_dict(), "run_key": run_key})
+    summary = {"rounds_completed": start - 1, "rounds_skipped": 0, "run_dir": str(folder.root)}
+    for server_round in range(start, settings.rounds + 1):
+        started = time.time()
+        config = round_config(settings, server_round, run_key)
+        messages = strategy.configure_train(server_round, to_record(arrays), config, grid)
+        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
+        bytes_in = sum(sum(a.numpy().nbytes for a in r.content.array_records["arrays"].values())
+                       for r in replies if not r.has_error() and "arrays" in r.content.array_records)
+        aggregated, metrics = strategy.aggregate_train(server_round, replies)
+        skipped = aggregated is None
+        if not skipped:
+            arrays = {k: v.numpy() for k, v in aggregated.items()}
+        record: dict[str, Any] = {
+            "round": server_round, "lr": config["lr"], "skipped": skipped,
+            "participation": strategy.participation, "train": dict(metrics) if metrics else {},
+            "bytes_received": bytes_in, "bytes_sent_per_site": sum(a.nbytes for a in arrays.values()),
+        }
+        if evaluate and (server_round % settings.evaluate_every == 0 or server_round == settings.rounds):
+            record["evaluation"] = evaluate(server_round, arrays)
+        record["wall_seconds"] = round(time.time() - started, 3)
+        folder.save(server_round, arrays, strategy.state_arrays(), {"settings": settings.to_dict(), "run_key": run_key})
+        folder.append_history(record)
+        summary["rounds_completed"] = server_round
+        summary["rounds_skipped"] += int(skipped)
+        log.info("round %d/%d %s in %.1f s: %d/%d valid replies, train loss %s", server_round, settings.rounds,
+                 "SKIPPED" if skipped else "done", record["wall_seconds"], strategy.participation["valid"],
+                 strategy.participation["sampled"], record["train"].get("train-loss"))
+    summary["final_arrays"] = arrays
+    return summary

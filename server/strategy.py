@@ -1,0 +1,141 @@
+"""Flower strategies (FedAvg, FedProx, FedAdam) that check every reply before aggregating.
+
+A reply is rejected, logged and left out of the round when it carries an error, lacks the arrays or
+``num-examples``, has other keys or shapes than the global model, holds non-finite values, or moved
+farther from the global model than ``max_update_norm``. A round with fewer than ``min_replies`` valid
+replies keeps the global model (the round is logged as skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from .settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+
+def check_reply(content, reference: dict[str, np.ndarray], max_update_norm: float) -> str | None:
+    """Why a training reply cannot be aggregated, or None when it can."""
+    if "arrays" not in content.array_records:
+        return "no 'arrays' in the reply"
+    metrics = content.metric_records.get("metrics")
+    if metrics is None or "num-examples" not in metrics:
+        return "no 'num-examples' metric in the reply"
+    if not (isinstance(metrics["num-examples"], (int, float)) and metrics["num-examples"] > 0):
+        return f"num-examples should be > 0, got {metrics['num-examples']!r}"
+    arrays = content.array_records["arrays"]
+    missing, unexpected = set(reference) - set(arrays), set(arrays) - set(reference)
+    if missing or unexpected:
+        return f"keys differ from the global model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+    total = 0.0
+    for key, ref in reference.items():
+        value = arrays[key].numpy()
+        if value.shape != ref.shape:
+            return f"array {key!r} has shape {value.shape}, the global model's is {ref.shape}"
+        if np.issubdtype(value.dtype, np.floating):
+            if not np.isfinite(value).all():
+                return f"array {key!r} holds non-finite values"
+            total += float(np.sum((value.astype(np.float64) - ref) ** 2))
+    norm = total ** 0.5
+    if norm > max_update_norm:
+        return f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}"
+    return None
+
+
+class CheckedReplies:
+    """Mixin for a Flower Message-API strategy: validate replies, require a minimum of valid ones."""
+
+    min_replies: int = 1
+    max_update_norm: float = float("inf")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.reference = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.participation: dict[str, Any] = {"sampled": len(messages), "replied": 0, "valid": 0, "rejected": [],
+                                              "errors": []}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            self.participation["replied"] += 1
+            if msg.has_error():
+                self.participation["errors"].append({"node": node, "reason": str(msg.error.reason)[:300]})
+                log.warning("round %d: node %s replied with an error: %s", server_round, node, msg.error.reason)
+                continue
+            problem = check_reply(msg.content, self.reference, self.max_update_norm)
+            if problem:
+                self.participation["rejected"].append({"node": node, "reason": problem})
+                log.warning("round %d: rejected the reply of node %s: %s", server_round, node, problem)
+                continue
+            valid.append(msg)
+        self.participation["valid"] = len(valid)
+        if len(valid) < self.min_replies:
+            log.warning("round %d skipped: %d valid replies, %d needed; the global model is kept",
+                        server_round, len(valid), self.min_replies)
+            return None, None
+        return super().aggregate_train(server_round, valid)
+
+    # -- state for checkpoints (FedAdam's moments; nothing for FedAvg/FedProx) -------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        state = {}
+        for name in ("m_t", "v_t"):
+            for key, value in (getattr(self, name, None) or {}).items():
+                state[f"{name}/{key}"] = np.asarray(value)
+        return state
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        for name in ("m_t", "v_t"):
+            part = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(name + "/")}
+            if part:
+                setattr(self, name, part)
+
+
+class CheckedFedAvg(CheckedReplies, FedAvg):
+    pass
+
+
+class CheckedFedProx(CheckedReplies, FedProx):
+    pass
+
+
+class CheckedFedAdam(CheckedReplies, FedAdam):
+    pass
+
+
+def build_strategy(settings: RunSettings) -> CheckedReplies:
+    """The run's strategy: FedAvg, FedProx (``proximal_mu``) or FedAdam (``server_lr``), with reply checks."""
+    common = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0,
+                  min_train_nodes=settings.min_available, min_available_nodes=settings.min_available,
+                  train_metrics_aggr_fn=aggregate_metrics)
+    if settings.strategy == "fedprox":
+        strategy = CheckedFedProx(proximal_mu=settings.proximal_mu, **common)
+    elif settings.strategy == "fedadam":
+        strategy = CheckedFedAdam(eta=settings.server_lr, eta_l=settings.lr, **common)
+    else:
+        strategy = CheckedFedAvg(**common)
+    strategy.min_replies = settings.min_replies
+    strategy.max_update_norm = settings.max_update_norm
+    return strategy
+
+
+def aggregate_metrics(contents: list, weight_key: str) -> MetricRecord:
+    """Example-weighted means of the sites' metrics (each site reports only whitelisted aggregates)."""
+    weights = [float(c.metric_records["metrics"][weight_key]) for c in contents]
+    total = sum(weights)
+    names = sorted({k for c in contents for k in c.metric_records["metrics"]} - {weight_key})
+    out = {weight_key: total}
+    for name in names:
+        pairs = [(w, c.metric_records["metrics"][name]) for w, c in zip(weights, contents)
+                 if name in c.metric_records["metrics"]]
+        out[name] = sum(w * float(v) for w, v in pairs) / sum(w for w, _ in pairs)
+    return MetricRecord(out)
