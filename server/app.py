@@ -20,6 +20,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     settings = settings_from_run_config(dict(context.run_config))
     summary = run_federation(grid, settings, validation_evaluator(settings))
     logging.getLogger(__name__).info("run finished: %d rounds (%d skipped), checkpoints in %s",

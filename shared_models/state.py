@@ -42,6 +42,7 @@ def strip_wrapper_prefixes(key: str) -> str:
 def model_to_arrays(model: nn.Module | Mapping[str, torch.Tensor]) -> "OrderedDict[str, np.ndarray]":
     """Named float32/int arrays of a model (or state dict), keys sorted, wrapper prefixes removed.
 
+    Scalar parameters (the logit scale) become shape ``(1,)``.
     Sorting makes the order independent of how a site wrapped or built its model.
     """
     state = unwrap_model(model).state_dict() if isinstance(model, nn.Module) else model
@@ -53,7 +54,8 @@ def model_to_arrays(model: nn.Module | Mapping[str, torch.Tensor]) -> "OrderedDi
         t = tensor.detach().to("cpu")
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
-        arrays[name] = t.numpy().copy()
+        # scalars travel as shape (1,): Flower's Array does not keep 0-d shapes consistently
+        arrays[name] = t.numpy().copy().reshape(-1) if t.dim() == 0 else t.numpy().copy()
     return OrderedDict((k, arrays[k]) for k in sorted(arrays))
 
 
@@ -76,6 +78,8 @@ def arrays_to_state_dict(
     out = OrderedDict()
     for key, target in ref.items():
         value = torch.as_tensor(np.asarray(arrays[key]) if not isinstance(arrays[key], torch.Tensor) else arrays[key])
+        if target.dim() == 0 and tuple(value.shape) == (1,):
+            value = value.reshape(())  # scalars travel as shape (1,) (see model_to_arrays)
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"array {key!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}.")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):

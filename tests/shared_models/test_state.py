@@ -63,3 +63,12 @@ def test_mismatched_arrays_are_refused_with_the_key(mutate, message):
     mutate(arrays)
     with pytest.raises(ValueError, match=message):
         arrays_to_state_dict(arrays, model)
+
+
+def test_scalars_that_travelled_as_shape_one_load_back():
+    model = nn.Module()
+    model.scale = nn.Parameter(torch.tensor(2.5))
+    arrays = model_to_arrays(model)
+    assert arrays["scale"].shape == (1,)  # no 0-d arrays on the wire
+    state = arrays_to_state_dict(arrays, model)
+    assert state["scale"].shape == () and state["scale"].item() == 2.5

@@ -1,0 +1,153 @@
+"""A real Flower federation on loopback: one SuperLink and one SuperNode per site, as subprocesses.
+
+The same stock commands a federation operator and site operators run (``flower-superlink``,
+``flower-supernode --node-config 'site-config="/abs/site.yaml"'``, ``flwr run``), started and stopped
+for the local demo and the end-to-end tests. Every process is started in its own session and killed
+with its children on exit, also on Ctrl-C or failure. ``FLWR_HOME`` points into the work folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONNECTION = "local-deployment"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with code {process.returncode} before opening port {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "") + "'"
+
+
+class LocalFederation:
+    """SuperLink + SuperNodes on 127.0.0.1.
+
+    Args:
+        workdir: folder for ``FLWR_HOME``, logs and the SuperLink database.
+        site_configs: one site YAML per SuperNode.
+        tls: optional ``{"ca": path, "cert": path, "key": path}`` for the SuperLink (else insecure).
+    """
+
+    def __init__(self, workdir: str | Path, site_configs: list[str | Path], extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.site_configs = [str(Path(p).resolve()) for p in site_configs]
+        self.logs = self.workdir / "logs"
+        self.flwr_home = self.workdir / "flwr_home"
+        self.port = 0
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen | None] = [None] * len(self.site_configs)
+        self.node_ports = [0] * len(self.site_configs)
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "PYTHONUNBUFFERED": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                    **(extra_env or {})}
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                start_new_session=True)
+
+    def start(self) -> "LocalFederation":
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        # Flower 1.41 serves its Runtime, Control and Fleet APIs on this one port
+        self.superlink = self._spawn("superlink", [
+            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db"),
+        ])
+        self.address = f"127.0.0.1:{self.port}"
+        wait_for_port(self.port, process=self.superlink)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n')
+        for i in range(len(self.site_configs)):
+            self.start_node(i)
+        return self
+
+    def start_node(self, i: int) -> None:
+        """Start (or restart) the SuperNode of site ``i``."""
+        self.node_ports[i] = self.node_ports[i] or free_port()
+        self.nodes[i] = self._spawn(f"supernode_{i}", [
+            "flower-supernode", "--insecure", "--superlink", self.address, "--port", str(self.node_ports[i]),
+            "--node-config", f'site-config="{self.site_configs[i]}"',
+        ])
+
+    def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Stop site ``i``'s SuperNode and its ClientApp processes (SIGKILL: as if the machine died)."""
+        process = self.nodes[i]
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=30)
+        self.nodes[i] = None
+
+    def run(self, app_dir: str | Path, run_config: dict[str, Any], timeout: float = 1800,
+            log_name: str = "run") -> subprocess.CompletedProcess:
+        """``flwr run APP local-deployment --stream``; its output goes to ``logs/<log_name>.log``."""
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        args = ["flwr", "run", str(Path(app_dir).resolve()), CONNECTION, "--stream", "--run-config", overrides]
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{log_name}.log", "ab") as log:
+            return subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                  timeout=timeout, check=False)
+
+    def run_async(self, app_dir: str | Path, run_config: dict[str, Any], log_name: str = "run") -> subprocess.Popen:
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        return self._spawn(log_name, ["flwr", "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
+                                      "--run-config", overrides])
+
+    def stop(self) -> None:
+        for process in [*self.nodes, self.superlink]:
+            if process is not None and process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.time() + 15
+        for process in [*self.nodes, self.superlink]:
+            if process is None:
+                continue
+            try:
+                process.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        self.nodes = [None] * len(self.site_configs)
+        self.superlink = None
+
+    def __enter__(self) -> "LocalFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
