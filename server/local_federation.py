@@ -50,7 +50,7 @@ class LocalFederation:
     """SuperLink + SuperNodes on 127.0.0.1.
 
     Args:
-        workdir: folder for ``FLWR_HOME``, logs and the SuperLink database.
+        workdir: folder for ``FLWR_HOME`` and logs.
         site_configs: one site YAML per SuperNode.
         tls: optional ``{"ca": path, "cert": path, "key": path}`` for the SuperLink (else insecure).
     """
@@ -82,8 +82,8 @@ class LocalFederation:
         # Flower 1.41 serves its Runtime, Control and Fleet APIs on this one port
         self.superlink = self._spawn("superlink", [
             "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db"),
-        ])
+            "--disable-runtime-dependency-installation",
+        ])  # in-memory state: a file database gave "database is locked" under 3 concurrent uploads
         self.address = f"127.0.0.1:{self.port}"
         wait_for_port(self.port, process=self.superlink)
         (self.flwr_home / "config.toml").write_text(

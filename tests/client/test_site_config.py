@@ -72,3 +72,16 @@ def test_bad_site_configs_name_key_and_file(export, text, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(SiteConfigError, match="site config not found: .*absent.yaml"):
         load_site_config(tmp_path / "absent.yaml")
+
+
+def test_the_shipped_example_uses_only_known_keys():
+    from pathlib import Path
+
+    import yaml
+
+    from client.site_config import SiteConfig
+    from shared_models.config import build_dataclass
+
+    path = Path(__file__).resolve().parents[2] / "site_configs" / "example-site.yaml"
+    cfg = build_dataclass(SiteConfig, yaml.safe_load(path.read_text()), str(path))
+    assert cfg.site_id == "hospital-a" and cfg.data.reports.key_column == "AccessionNumber"

@@ -1,0 +1,137 @@
+"""End to end on Flower's Deployment Engine: a real SuperLink and SuperNodes on loopback, `flwr run`.
+
+Sites are small synthetic exports ingested with `fedvlp-site`; the model is the tiny preset with a
+tiny random text encoder (a model YAML passed as the run's preset), so a round takes seconds of
+training and the rest is Flower's real machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from client.cli import main as site_cli
+from server.checkpoint import RunFolder
+from server.local_federation import LocalFederation
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three small ingested synthetic sites and a model YAML for them."""
+    root = tmp_path_factory.mktemp("cohort")
+    model_yaml = root / "model.yaml"
+    model_yaml.write_text(yaml.safe_dump({"preset": "tiny", "text": {"random_init": TINY_TEXT, "max_length": 64},
+                                          "decoder": {"max_length": 64}}))
+    sites = []
+    for i, profile in enumerate(["general", "cardio", "pulmonary"]):
+        folder = root / f"site{i}"
+        assert site_cli(["synth", "--out", str(folder), "--profile", profile, "--studies", "4", "--seed", str(i)]) == 0
+        config = {"site_id": f"site{i}", "model": str(model_yaml), "cache_dir": "cache",
+                  "data": {"dicom_root": "dicom", "nifti_manifest": "nifti_manifest.csv", "reports": {"path": "reports.csv"}},
+                  "compute": {"batch_size": 2, "workers": 0, "threads": 1}}
+        (folder / "site.yaml").write_text(yaml.safe_dump(config))
+        assert site_cli(["ingest", "--config", str(folder / "site.yaml"), "--quiet", "--workers", "0"]) == 0
+        sites.append(folder / "site.yaml")
+    return {"sites": sites, "model": str(model_yaml), "root": root}
+
+
+def run_config(cohort, run_dir: Path, rounds: int, **extra) -> dict:
+    return {"recipe": "tiny", "run-dir": str(run_dir), "num-rounds": rounds, "local-steps": 1,
+            "min-replies": 2, "min-available": 2, "max-update-norm": 1e6, **extra}
+
+
+def preset_override(cohort, run_dir: Path) -> Path:
+    """A recipe file naming the cohort's model YAML as preset (run configs carry scalars only)."""
+    recipe = yaml.safe_load((REPO / "server" / "recipes" / "tiny.yaml").read_text())
+    recipe.update(preset=cohort["model"], round_timeout_s=120)
+    path = run_dir.parent / f"{run_dir.name}_recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    latest = RunFolder(run_dir).latest()
+    assert latest is not None, f"no checkpoint in {run_dir}"
+    return latest.arrays
+
+
+def test_two_rounds_on_two_supernodes(cohort, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = preset_override(cohort, run_dir)
+    with LocalFederation(tmp_path / "fed", cohort["sites"][:2]) as fed:
+        result = fed.run(REPO, run_config(cohort, run_dir, 2, recipe=str(recipe)), timeout=600)
+    log = (tmp_path / "fed" / "logs" / "run.log").read_text()
+    assert result.returncode == 0, log[-3000:]
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(h["participation"]["valid"] == 2 and not h["skipped"] for h in history)
+    assert all(h["train"]["loss.clip"] > 0 for h in history)
+    start = RunFolder(run_dir).latest()
+    assert (run_dir / "checkpoints" / "round_0002" / "global.safetensors").is_file()
+    from server.checkpoint import load_arrays_file
+
+    initial = load_arrays_file(run_dir / "checkpoints" / "round_0000" / "global.safetensors")
+    changed = [k for k in initial if not np.array_equal(initial[k], start.arrays[k])]
+    assert len(changed) > len(initial) // 2  # the global model trained
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(cohort, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with LocalFederation(tmp_path / "fed_a", cohort["sites"][:2]) as fed:
+        done = fed.run(REPO, run_config(cohort, straight, 4, recipe=str(preset_override(cohort, straight)), seed=7))
+        assert done.returncode == 0
+    recipe = preset_override(cohort, resumed)
+    fed = LocalFederation(tmp_path / "fed_b", cohort["sites"][:2])
+    with fed:  # crash: the SuperLink (and with it the ServerApp) dies during round 3
+        run = fed.run_async(REPO, run_config(cohort, resumed, 4, recipe=str(recipe), seed=7))
+        deadline = time.time() + 600
+        while not (resumed / "checkpoints" / "round_0002" / "state.json").is_file():
+            assert time.time() < deadline and run.poll() is None, "round 2 never completed"
+            time.sleep(0.5)
+        fed.superlink.send_signal(signal.SIGKILL)
+        run.wait(timeout=60)
+    assert RunFolder(resumed).latest().round == 2
+    with LocalFederation(tmp_path / "fed_c", cohort["sites"][:2]) as fed:
+        again = fed.run(REPO, run_config(cohort, resumed, 4, recipe=str(recipe), seed=7))
+        assert again.returncode == 0
+    assert "resuming" in (tmp_path / "fed_c" / "logs" / "run.log").read_text()
+    a, b = final_arrays(straight), final_arrays(resumed)
+    assert RunFolder(resumed).latest().round == 4
+    worst = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+    assert worst < 1e-5, worst
+    rounds = [json.loads(line)["round"] for line in (resumed / "history.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4]
+
+
+def test_a_killed_site_is_skipped_and_rejoins(cohort, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = preset_override(cohort, run_dir)
+    config = run_config(cohort, run_dir, 4, recipe=str(recipe), **{"round-timeout-s": 45})
+    with LocalFederation(tmp_path / "fed", cohort["sites"]) as fed:
+        run = fed.run_async(REPO, {**config, "min-available": 3})
+        history = run_dir / "history.jsonl"
+        deadline = time.time() + 600
+        while not history.is_file():  # round 1 done: kill site 2 as round 2 starts
+            assert time.time() < deadline and run.poll() is None, "round 1 never completed"
+            time.sleep(0.2)
+        fed.kill_node(2, signal.SIGKILL)
+        while len(history.read_text().splitlines()) < 2:
+            assert time.time() < deadline and run.poll() is None, "round 2 never completed"
+            time.sleep(0.5)
+        fed.start_node(2)  # the site comes back
+        assert run.wait(timeout=900) == 0
+    rounds = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert rounds[0]["participation"]["valid"] == 3
+    assert rounds[1]["participation"]["valid"] == 2 and not rounds[1]["skipped"]  # went on without the dead site
+    assert rounds[-1]["participation"]["valid"] == 3  # the restarted site took part again
