@@ -36,7 +36,8 @@ def initial_arrays(settings: RunSettings) -> dict[str, np.ndarray]:
     fresh = model_to_arrays(build_model(load_model_config(settings.preset)))
     if not settings.init_checkpoint:
         return dict(fresh)
-    loaded = load_arrays_file(settings.init_checkpoint)
+    # scalars are shape (1,) on the wire and in our checkpoints; a torch state dict export has shape ()
+    loaded = {k: v.reshape(-1) if v.ndim == 0 else v for k, v in load_arrays_file(settings.init_checkpoint).items()}
     missing = sorted(set(fresh) - set(loaded))
     shapes = [k for k in set(fresh) & set(loaded) if fresh[k].shape != loaded[k].shape]
     if shapes:
@@ -64,6 +65,15 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _warn_on_schedule_change(saved: dict[str, Any], settings: RunSettings) -> None:
+    changed = {k: (saved.get(k), getattr(settings, k)) for k in ("rounds", "lr", "warmup_rounds", "min_lr_ratio",
+                                                                  "local_steps", "objectives", "strategy")
+               if k in saved and saved[k] != getattr(settings, k)}
+    if changed:
+        log.warning("resuming with other settings than the checkpoint's (saved -> now): %s; the learning-rate "
+                    "schedule of the remaining rounds follows the new settings", changed)
+
+
 def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None = None) -> dict[str, Any]:
     """Run (or resume) the federation described by ``settings``; returns a summary."""
     folder = RunFolder(settings.run_dir, keep=settings.keep_checkpoints)
@@ -73,6 +83,7 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
         if latest.state.get("settings", {}).get("preset") != settings.preset:
             raise ValueError(f"{folder.root} holds a run of preset {latest.state['settings'].get('preset')!r}; "
                              f"use another run folder for preset {settings.preset!r}.")
+        _warn_on_schedule_change(latest.state.get("settings", {}), settings)
         arrays, start = latest.arrays, latest.round + 1
         strategy.load_state_arrays(latest.strategy_state)
         restore_random_state(latest.state["python_random"])
@@ -94,8 +105,8 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
                        for r in replies if not r.has_error() and "arrays" in r.content.array_records)
         aggregated, metrics = strategy.aggregate_train(server_round, replies)
         skipped = aggregated is None
-        if not skipped:
-            arrays = {k: v.numpy() for k, v in aggregated.items()}
+        if not skipped:  # keep each array's dtype (FedAdam's update would make float64)
+            arrays = {k: v.numpy().astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}
         record: dict[str, Any] = {
             "round": server_round, "lr": config["lr"], "skipped": skipped,
             "participation": strategy.participation, "train": dict(metrics) if metrics else {},
@@ -104,8 +115,9 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
         if evaluate and (server_round % settings.evaluate_every == 0 or server_round == settings.rounds):
             record["evaluation"] = evaluate(server_round, arrays)
         record["wall_seconds"] = round(time.time() - started, 3)
-        folder.save(server_round, arrays, strategy.state_arrays(), {"settings": settings.to_dict(), "run_key": run_key})
+        # history first: a stop in between re-runs this round, and resume drops lines past the checkpoint
         folder.append_history(record)
+        folder.save(server_round, arrays, strategy.state_arrays(), {"settings": settings.to_dict(), "run_key": run_key})
         summary["rounds_completed"] = server_round
         summary["rounds_skipped"] += int(skipped)
         log.info("round %d/%d %s in %.1f s: %d/%d valid replies, train loss %s", server_round, settings.rounds,

@@ -1,8 +1,9 @@
 """Run settings: a run recipe (``server/recipes/NAME.yaml``) overridden by Flower's run config.
 
 ``flwr run . CONN --run-config "recipe='tiny' num-rounds=4 run-dir='/abs/runs/x'"``: keys are the
-fields below in kebab case (``num-rounds`` is ``rounds``); an empty string or 0 in the run config
-keeps the recipe's value. Unknown keys are errors that name the key.
+fields below in kebab case (``num-rounds`` is ``rounds``; ``weight-NAME`` sets an objective's weight);
+an empty string (and 0 for ``num-rounds``/``local-steps``) keeps the recipe's value. Unknown keys are
+errors that name the key.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class RunSettings:
                 raise ValueError(f"{name} should be >= 1, got {getattr(self, name)}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr should be a positive number, got {self.lr}.")
+        if not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm should be > 0, got {self.max_update_norm}.")
+        if not self.round_timeout_s > 0:
+            raise ValueError(f"round_timeout_s should be > 0, got {self.round_timeout_s}.")
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction_train should be in (0, 1], got {self.fraction_train}.")
         self.objectives = check_weights(self.objectives)
@@ -122,7 +127,7 @@ def settings_from_run_config(run_config: dict[str, Any]) -> RunSettings:
     names = {f.name for f in dataclasses.fields(RunSettings)}
     for key, value in run_config.items():
         name = ALIASES.get(key, key.replace("-", "_"))
-        if name.startswith("weight_"):
+        if name.startswith("weight_") and name not in names:
             if value != "":
                 data.setdefault("objectives", {})
                 data["objectives"] = {**data["objectives"], name[len("weight_"):]: float(value)}
