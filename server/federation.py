@@ -112,9 +112,15 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
             "participation": strategy.participation, "train": dict(metrics) if metrics else {},
             "bytes_received": bytes_in, "bytes_sent_per_site": sum(a.nbytes for a in arrays.values()),
         }
+        evaluation_started = time.time()
         if evaluate and (server_round % settings.evaluate_every == 0 or server_round == settings.rounds):
             record["evaluation"] = evaluate(server_round, arrays)
+            record["evaluation_seconds"] = round(time.time() - evaluation_started, 3)
         record["wall_seconds"] = round(time.time() - started, 3)
+        site_seconds = [x["train-seconds"] for x in strategy.participation["sites"] if x.get("train-seconds")]
+        if site_seconds:  # what federation costs on top of the slowest site's local training
+            record["overhead_seconds"] = round(
+                record["wall_seconds"] - record.get("evaluation_seconds", 0.0) - max(site_seconds), 3)
         # history first: a stop in between re-runs this round, and resume drops lines past the checkpoint
         folder.append_history(record)
         folder.save(server_round, arrays, strategy.state_arrays(), {"settings": settings.to_dict(), "run_key": run_key})

@@ -63,7 +63,7 @@ class CheckedReplies:
         self.reference = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.participation: dict[str, Any] = {"sampled": len(messages), "replied": 0, "valid": 0, "rejected": [],
-                                              "errors": []}
+                                              "errors": [], "sites": []}
         return messages
 
     def _check_and_log_replies(self, replies, is_train: bool, validate: bool = True):
@@ -86,6 +86,9 @@ class CheckedReplies:
                 log.warning("round %d: rejected the reply of node %s: %s", server_round, node, problem)
                 continue
             valid.append(msg)
+            metrics = msg.content.metric_records["metrics"]
+            self.participation["sites"].append({"node": node, "num-examples": metrics["num-examples"],
+                                                "train-seconds": metrics.get("train-seconds")})
         self.participation["valid"] = len(valid)
         if len(valid) < self.min_replies:
             log.warning("round %d skipped: %d valid replies, %d needed; the global model is kept",

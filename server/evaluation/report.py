@@ -18,14 +18,14 @@ def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float |
     lines = [f"# Federated run report: {run_dir}", ""]
     if wall_seconds is not None:
         lines += [f"Wall time: {wall_seconds:.0f} s.", ""]
-    lines += ["## Rounds", "", "| round | sites sampled | replied | valid | rejected / errors | skipped | lr | train loss | wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Rounds", "", "| round | sites sampled | replied | valid | rejected / errors | skipped | lr | train loss "
+              "| wall s | overhead s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in history:
         p = r["participation"]
         problems = "; ".join(f"{x['reason']}" for x in p["rejected"] + p["errors"]) or "-"
         lines.append(f"| {r['round']} | {p['sampled']} | {p['replied']} | {p['valid']} | {problems} | "
                      f"{'yes' if r['skipped'] else 'no'} | {r['lr']:.2e} | {_fmt(r['train'].get('train-loss', '-'))} | "
-                     f"{r['wall_seconds']:.1f} |")
+                     f"{r['wall_seconds']:.1f} | {_fmt(r.get('overhead_seconds', '-'))} |")
     losses = sorted({k for r in history for k in r["train"] if k.startswith("loss.")})
     if losses:
         lines += ["", "## Local training losses (example-weighted mean over sites)", "",
@@ -40,6 +40,8 @@ def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float |
         for r in evaluated:
             lines.append(f"| {r['round']} | " + " | ".join(_fmt(r["evaluation"].get(k, "-")) for k in keys) + " |")
     traffic = history[-1]
+    lines += ["", "Overhead: round wall time minus the slowest site's local training time (process start-up, "
+              "model build, transfer of the weights, aggregation, checkpointing; not the central evaluation).", ""]
     lines += ["", f"Bytes sent to each site per round: {traffic['bytes_sent_per_site'] / 1e6:.1f} MB; "
               f"received per round (all sites): {traffic['bytes_received'] / 1e6:.1f} MB.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

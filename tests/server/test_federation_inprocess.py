@@ -77,6 +77,11 @@ def test_two_rounds_with_the_real_client_app(tmp_path, tiny_sites, inprocess_gri
         assert h["train"]["num-examples"] == 2 * 2 * 2  # 2 sites x 2 steps x batch 2
         assert np.isfinite(h["train"]["train-loss"]) and np.isfinite(h["train"]["loss.clip"])
     assert history[0]["train"]["optimizer-resumed"] == 0 and history[1]["train"]["optimizer-resumed"] == 1
+    for h in history:  # per-site training time, and the overhead on top of the slowest site
+        sites = h["participation"]["sites"]
+        assert len(sites) == 2 and all(x["train-seconds"] > 0 and x["num-examples"] > 0 for x in sites)
+        slowest = max(x["train-seconds"] for x in sites)
+        assert h["overhead_seconds"] == pytest.approx(h["wall_seconds"] - h.get("evaluation_seconds", 0) - slowest, abs=1e-2)
     assert history[0]["lr"] == pytest.approx(s.lr) and history[1]["lr"] == pytest.approx(s.lr * s.min_lr_ratio)
     # each node got each round's instructions (after the protobuf round trip)
     assert sorted(m.metadata.dst_node_id for m in grid.received) == [101, 101, 102, 102]
