@@ -76,3 +76,19 @@ def test_unreachable_endpoint_falls_back():
     labeler = LLMLabeler("http://127.0.0.1:9/v1", "m", VOCAB, timeout_s=2)
     assert labeler.label("Lung nodule.") == {"Lung nodule": True}
     assert labeler.stats["fallback"] == 1
+
+
+def test_an_ingest_with_the_llm_labeler_uses_its_answers(server, tmp_path, ct_series_writer, site_yaml_writer):
+    from client.ingest.pipeline import run_ingest
+    from client.site_config import load_site_config
+    from shared_models.cohort import read_manifest
+
+    ct_series_writer(tmp_path / "dicom" / "s1", "1.2.1", "1.2.1.1", "ACC1", slices=10)
+    (tmp_path / "reports.csv").write_text("AccessionNumber,ReportText\nACC1,\"Heart enlarged. Small effusion.\"\n")
+    FakeLLM.answers = ['{"Cardiomegaly": "present", "Pleural effusion": "present", "Lung nodule": "absent"}']
+    cfg = load_site_config(site_yaml_writer(tmp_path, data={"labeler": {"kind": "llm", "endpoint": server, "model": "m"}}))
+    report = run_ingest(cfg, progress=False)
+    row = read_manifest(cfg.cache_dir)[0]
+    assert row["labeler"] == "llm:m" and report["labeler"]["asked"] == 1
+    assert row["findings"] == {"Cardiomegaly": True, "Pleural effusion": True, "Lung nodule": False}
+    assert (tmp_path / "cache" / "llm_labels.jsonl").is_file()  # cached beside the site's data
