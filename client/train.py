@@ -2,9 +2,10 @@
 
 What a round does (the server's per-round config decides the knobs):
 - builds the federation's model (the preset the server names, with this site's text-model folder),
-  loads the global arrays, and keeps a copy of them for FedProx's proximal term;
-- runs ``local_steps`` optimizer steps: vision-language batches, alternating with vision-only MAE
-  batches as COLIPRI does when ``mae_alternate`` is on; bf16 autocast on GPU; gradient accumulation;
+  checks that the site's cache was preprocessed for it, loads the global arrays, and keeps a copy of
+  them for FedProx's proximal term;
+- runs ``local_steps`` optimizer steps (``shared_models.training.run_steps``: vision-language
+  batches alternating with vision-only MAE batches, bf16 autocast on GPU, gradient accumulation);
 - keeps AdamW's moments between rounds on the site's disk (each Flower message is a fresh process),
   saved per round so that a re-run round starts from the same state;
 - refuses to return non-finite weights.
@@ -13,24 +14,18 @@ Everything random is seeded from (run seed, round, site), so a round is reproduc
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import itertools
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from shared_models import build_model, load_arrays, model_to_arrays, training_losses
-from shared_models.cohort import Collate, SiteDataset
+from shared_models import build_model, load_arrays, model_to_arrays
 from shared_models.objectives import check_weights
+from shared_models.training import StepSettings, derive_seed, make_optimizer, run_steps
 
 from .site_config import SiteConfig
 
@@ -83,31 +78,6 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def _seed(*parts: Any) -> int:
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-def _loader(dataset: SiteDataset, collate: Collate, batch_size: int, seed: int, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed), num_workers=workers, pin_memory=pin,
-        persistent_workers=False,
-    )
-
-
-def _forever(loader: DataLoader):
-    for epoch in itertools.count():
-        loader.dataset.set_epoch(epoch)
-        yield from loader
-
-
-def _optimizer(model: torch.nn.Module, rc: RoundConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": rc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=rc.lr, fused=device.type == "cuda")
-
-
 def _state_file(site_cfg: SiteConfig, rc: RoundConfig, server_round: int) -> Path:
     return Path(site_cfg.cache_dir) / "train_state" / rc.run_key / f"optimizer_round{server_round:04d}.pt"
 
@@ -153,80 +123,32 @@ def check_cache_matches(site_cfg: SiteConfig, model_cfg) -> None:
 
 def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: RoundConfig) -> RoundResult:
     """Run one round of local training and return the updated arrays and whitelisted metrics."""
-    started = time.perf_counter()
     device = pick_device(site_cfg.compute.device)
     if site_cfg.compute.threads:
         torch.set_num_threads(site_cfg.compute.threads)
-    torch.manual_seed(_seed(rc.seed, rc.server_round, site_cfg.site_id, "torch"))
+    torch.manual_seed(derive_seed(rc.seed, rc.server_round, site_cfg.site_id, "torch"))
     model_cfg = site_cfg.model_config(preset=rc.preset).replace(objectives=rc.weights)
     check_cache_matches(site_cfg, model_cfg)
     model = build_model(model_cfg)
     load_arrays(model, global_arrays)
-    model.to(device).train()
+    model.to(device)
     anchor = [p.detach().clone() for p in model.parameters()] if rc.proximal_mu > 0 else None
-
-    weights = {k: w for k, w in rc.weights.items() if w > 0}
-    alternate = rc.mae_alternate and weights.get("mae", 0) > 0 and len(weights) > 1
-    vl_weights = {k: w for k, w in weights.items() if k != "mae"} if alternate else weights
-    cache = site_cfg.cache_dir
-    workers = site_cfg.compute.workers if device.type == "cuda" else 0
-    data_seed = _seed(rc.seed, rc.server_round, site_cfg.site_id, "data")
-    bs = site_cfg.compute.batch_size
-    streams = {}
-    if vl_weights:
-        vl = SiteDataset(cache, model_cfg, with_reports=True, seed=data_seed)
-        streams["vl"] = _forever(_loader(vl, Collate(model_cfg, seed=data_seed), bs, data_seed, workers, device.type == "cuda"))
-    if alternate or (weights.keys() == {"mae"}):
-        mae = SiteDataset(cache, model_cfg, with_reports=False, seed=data_seed + 1)
-        streams["mae"] = _forever(_loader(mae, Collate(model_cfg, seed=data_seed + 1), bs, data_seed + 1, workers,
-                                          device.type == "cuda"))
-
-    opt = _optimizer(model, rc, device)
+    steps = StepSettings(
+        steps=rc.local_steps, lr=rc.lr, weights=rc.weights, batch_size=site_cfg.compute.batch_size,
+        grad_accum=site_cfg.compute.grad_accum, mae_alternate=rc.mae_alternate, proximal_mu=rc.proximal_mu,
+        weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm, amp=site_cfg.compute.amp,
+        workers=site_cfg.compute.workers if device.type == "cuda" else 0,
+        seed=derive_seed(rc.seed, rc.server_round, site_cfg.site_id, "data"),
+    )
+    opt = make_optimizer(model, steps, device)
     resumed = _load_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round - 1))
-    for group in opt.param_groups:
-        group["lr"] = rc.lr
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and site_cfg.compute.amp \
-        else contextlib.nullcontext()
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    volumes, data_wait = 0, 0.0
-    accum = site_cfg.compute.grad_accum
-    for step in range(rc.local_steps):
-        use_mae = alternate and step % 2 == 1 or "vl" not in streams
-        stream, step_weights = (streams["mae"], {"mae": weights["mae"]}) if use_mae else (streams["vl"], vl_weights)
-        opt.zero_grad(set_to_none=True)
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            batch = next(stream)
-            data_wait += time.perf_counter() - t0
-            with amp:
-                losses = training_losses(model, batch, step_weights)
-            loss = losses["total"]
-            if anchor is not None:
-                loss = loss + rc.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            (loss / accum).backward()
-            volumes += batch["volume"].shape[0]
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-                counts[name] = counts.get(name, 0) + 1
-        if rc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), rc.max_grad_norm)
-        opt.step()
-
+    metrics = run_steps(model, [site_cfg.cache_dir], steps, opt, device, anchor)
     arrays = model_to_arrays(model)
     bad = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
     if bad:
         raise NonFiniteUpdate(f"local training produced non-finite weights in {len(bad)} arrays (e.g. {bad[0]}); "
                               "nothing was sent. Lower the learning rate or check the site's data with fedvlp-site check.")
     _save_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round))
-    seconds = time.perf_counter() - started
-    metrics = {f"loss.{name}": total / counts[name] for name, total in sums.items() if name != "total"}
-    metrics.update({
-        "train-loss": sums["total"] / counts["total"] if counts else math.nan,
-        "local-steps": float(rc.local_steps),
-        "train-seconds": seconds,
-        "volumes-per-second": volumes / seconds,
-        "data-wait-fraction": data_wait / seconds,
-        "optimizer-resumed": float(resumed),
-    })
-    return RoundResult(arrays=arrays, num_examples=volumes, metrics=metrics)
+    metrics["optimizer-resumed"] = float(resumed)
+    num_examples = int(metrics.pop("volumes"))
+    return RoundResult(arrays=arrays, num_examples=num_examples, metrics=metrics)

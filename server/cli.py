@@ -2,6 +2,8 @@
 
     fedvlp-server demo --out runs/demo          # synthetic sites + a real local federation + report
     fedvlp-server report --run-dir RUN --out report.md
+    fedvlp-server evaluate --checkpoint RUN/checkpoints/round_0003/global.safetensors --data COHORT --out DIR
+        COHORT: an ingested cohort's cache folder, its manifest.jsonl, or its site YAML
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=8)
     p.add_argument("--studies", type=int, default=20, help="studies per site")
     p.add_argument("--central-studies", type=int, default=40)
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a held-out cohort: metrics.json + report.html")
+    p.add_argument("--checkpoint", required=True, help="a global.safetensors (its state.json names the preset)")
+    p.add_argument("--data", required=True, help="cohort cache folder, manifest.jsonl or site YAML")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default=None, help="model preset or YAML (default: the checkpoint's run)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--generate", type=int, default=32, help="studies to generate reports for")
     p = sub.add_parser("report", help="write the Markdown report of a run folder")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
@@ -34,6 +44,24 @@ def main(argv: list[str] | None = None) -> int:
 
         report = run_demo(args.out, args.rounds, args.local_steps, args.studies, args.central_studies)
         print(report.read_text())
+        return 0
+    if args.command == "evaluate":
+        import json
+        from pathlib import Path
+
+        from .evaluation.evaluate import evaluate_checkpoint
+        from .evaluation.html_report import write_html_report
+
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.preset, args.device, args.bootstrap,
+                                     args.generate)
+        run_dir = Path(args.checkpoint).resolve().parents[2]
+        history_path = run_dir / "history.jsonl"
+        history = [json.loads(x) for x in history_path.read_text().splitlines()] if history_path.is_file() else []
+        report = write_html_report(result, Path(args.out) / "report.html", result.get("_roc"), history)
+        for key in ("zero_shot.macro_auroc", "zero_shot.macro_ci", "retrieval.report_to_volume.recall@5",
+                    "generation.bleu4", "generation.clinical_f1", "probe.macro_auroc"):
+            print(f"{key}: {result.get(key)}")
+        print(f"metrics: {Path(args.out) / 'metrics.json'}; report: {report}")
         return 0
     from .evaluation.report import write_run_report
 

@@ -1,0 +1,52 @@
+"""The central evaluator end to end on a small ingested cohort: metrics.json keys and the HTML report."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from server.checkpoint import RunFolder
+from server.cli import main as server_cli
+from server.evaluation.evaluate import evaluate_model, write_metrics
+from server.evaluation.html_report import write_html_report
+from shared_models import build_model, load_model_config, model_to_arrays
+
+KEYS = ["zero_shot.macro_auroc", "zero_shot.per_finding", "zero_shot.macro_ci", "findings_head.macro_auroc",
+        "retrieval.report_to_volume.recall@5", "retrieval.volume_to_report.recall@1",
+        "retrieval.report_to_volume.chance@5", "generation.bleu1", "generation.bleu4", "generation.rougeL",
+        "generation.clinical_f1", "probe.macro_auroc"]
+
+
+def test_metrics_json_has_the_stable_keys_and_sane_values(tiny_sites, tmp_path):
+    sites, model_yaml = tiny_sites(1)
+    torch.manual_seed(0)
+    model = build_model(load_model_config(model_yaml))
+    result = evaluate_model(model, sites[0], n_boot=20, generate=2, progress=False)
+    assert all(key in result for key in KEYS), sorted(set(KEYS) - set(result))
+    assert result["cohort.studies"] == 3
+    assert result["retrieval.report_to_volume.chance@5"] == 1.0  # 3 studies: k=5 is clipped to N
+    assert 0.0 <= result["retrieval.report_to_volume.recall@1"] <= 1.0
+    per = result["zero_shot.per_finding"]
+    assert per["Pleural effusion"]["positives"] == 1 and per["Medical material"]["auroc"] is None  # no positives
+    assert "Medical material" in result["zero_shot.undefined"]
+    assert len(result["generation.examples"]) == 2
+    path = write_metrics(result, tmp_path / "eval")
+    saved = json.loads(path.read_text())
+    assert set(KEYS) <= set(saved) and not any(k.startswith("_") for k in saved)
+    html = write_html_report(result, tmp_path / "eval" / "report.html", result["_roc"], []).read_text()
+    assert "<img src='data:image/png;base64," in html and "Zero-shot per finding" in html and "Generated reports" in html
+
+
+def test_the_cli_evaluates_a_run_checkpoint(tiny_sites, tmp_path, capsys):
+    sites, model_yaml = tiny_sites(1)
+    torch.manual_seed(0)
+    arrays = model_to_arrays(build_model(load_model_config(model_yaml)))
+    RunFolder(tmp_path / "run").save(1, dict(arrays), {}, {"settings": {"preset": str(model_yaml)}, "run_key": "k"})
+    (tmp_path / "run" / "history.jsonl").write_text(json.dumps(
+        {"round": 1, "train": {"loss.clip": 1.0}, "evaluation": {"zero_shot.macro_auroc": 0.5}}) + "\n")
+    checkpoint = tmp_path / "run" / "checkpoints" / "round_0001" / "global.safetensors"
+    assert server_cli(["evaluate", "--checkpoint", str(checkpoint), "--data", str(sites[0]), "--out",
+                       str(tmp_path / "eval"), "--bootstrap", "10", "--generate", "1"]) == 0
+    assert "zero_shot.macro_auroc" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "Metrics by round" in (tmp_path / "eval" / "report.html").read_text()
