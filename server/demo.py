@@ -15,6 +15,7 @@ Every process started is stopped on exit, Ctrl-C included. ``FLWR_HOME`` is ``OU
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -84,8 +85,16 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 8, studies: in
         result = federation.run(REPO, run_config, timeout=3600)
     if result.returncode != 0 or not (run_dir / "history.jsonl").is_file():
         raise RuntimeError(f"the federated run failed (flwr run exit {result.returncode}); see {out / 'logs'}")
+    from .evaluation.evaluate import evaluate_checkpoint
+    from .evaluation.html_report import write_html_report
     from .evaluation.report import write_run_report
 
-    report = write_run_report(run_dir, out / "report.md", wall_seconds=time.time() - started)
+    final = sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"
+    evaluation = evaluate_checkpoint(final, central_yaml, out / "evaluation", n_boot=500, generate=16)
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    html = write_html_report(evaluation, out / "evaluation" / "report.html", evaluation.get("_roc"), history,
+                             title="fedvlp demo: the global model on the held-out central cohort")
+    report = write_run_report(run_dir, out / "report.md", wall_seconds=time.time() - started,
+                              evaluation=evaluation, html=html)
     log.info("demo finished in %.0f s; report: %s", time.time() - started, report)
     return report

@@ -1,4 +1,4 @@
-"""Synthetic 3D phantoms (chest CT, brain MR) with plantable findings, and the synthetic sites' profiles.
+"""Synthetic 3D phantoms (chest CT, brain MR) with plantable findings.
 
 Pure numpy. Arrays have axes (S, A, R): slices inferior->superior, posterior->anterior, left->right, as
 :func:`shared_models.volumes.preprocess_volume` outputs. A phantom is built in millimetres around the
@@ -14,256 +14,36 @@ Findings are sized for the demo model's 5 mm voxels (nodules 12-20 mm, effusion 
 Label maps: ``organs`` uses :data:`CHEST_ORGANS` / :data:`BRAIN_ORGANS`; ``findings_mask`` uses
 ``MASK_LABELS.index(name) + 1``. Cardiomegaly marks the whole (enlarged) heart, Hydrocephalus the
 ventricles, Atrophy the CSF that replaced brain, the other findings their own lesion voxels.
+
+Also importable from here (defined in sibling modules): the finding names, :data:`MASK_LABELS` and
+:data:`SEQUENCES` (:mod:`~shared_models.phantom_findings`), :class:`Phantom` (:mod:`~shared_models.phantom_canvas`),
+and the site/scanner profiles with their sampling functions (:mod:`~shared_models.phantom_sites`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .phantom_reports import REPORT_STYLES
-from .vocabularies import BRAIN_MRI_FINDINGS, CT_RATE_FINDINGS
+from .phantom_canvas import Phantom, Vec, _Canvas, _check, _children, _side
+from .phantom_findings import BRAIN_FINDINGS, CHEST_FINDINGS, MASK_LABELS, SEQUENCES
+from .phantom_sites import (
+    _CT_A, _MR_A, SITE_PROFILES, ScannerProfile, SiteProfile, get_profile, sample_modality, sample_study, scan_geometry,
+)
 
-CHEST_FINDINGS: tuple[str, ...] = (
-    "Lung nodule", "Pleural effusion", "Cardiomegaly", "Emphysema", "Consolidation", "Pericardial effusion",
-    "Arterial wall calcification", "Medical material", "Lymphadenopathy", "Hiatal hernia",
-)
-"""CT-RATE findings that :func:`chest_ct_phantom` can plant."""
-BRAIN_FINDINGS: tuple[str, ...] = (
-    "Infarct", "Hemorrhage", "Mass", "White matter hyperintensities", "Hydrocephalus", "Atrophy",
-)
-"""Brain MRI findings that :func:`brain_mr_phantom` can plant."""
-MASK_LABELS: tuple[str, ...] = CHEST_FINDINGS + BRAIN_FINDINGS
-"""Finding names by ``findings_mask`` label: label ``i + 1`` is ``MASK_LABELS[i]``; 0 is background."""
+__all__ = [
+    "chest_ct_phantom", "brain_mr_phantom", "make_phantom", "CHEST_ORGANS", "BRAIN_ORGANS",
+    "Phantom", "Vec",                                                           # phantom_canvas
+    "CHEST_FINDINGS", "BRAIN_FINDINGS", "MASK_LABELS", "SEQUENCES",             # phantom_findings
+    "ScannerProfile", "SiteProfile", "SITE_PROFILES", "get_profile", "sample_modality", "sample_study",
+    "scan_geometry",                                                            # phantom_sites
+]
+
 CHEST_ORGANS: dict[str, int] = {"body": 1, "lungs": 2, "heart": 3, "aorta": 4, "bone": 5, "airway": 6, "liver": 7}
 """Organ label ids of a chest CT phantom (0 = air outside the body)."""
 BRAIN_ORGANS: dict[str, int] = {"brain": 1, "ventricles": 2, "csf": 3, "skull": 4, "scalp": 5}
 """Organ label ids of a brain MR phantom (0 = air outside the head)."""
-SEQUENCES: tuple[str, ...] = ("T1", "T2", "FLAIR")
-assert set(CHEST_FINDINGS) <= set(CT_RATE_FINDINGS) and set(BRAIN_FINDINGS) <= set(BRAIN_MRI_FINDINGS)
-
-_LABEL = {name: i + 1 for i, name in enumerate(MASK_LABELS)}
-Vec = tuple[float, float, float]
-
-
-@dataclass
-class Phantom:
-    """One synthetic volume with its ground truth (all arrays (S, A, R), one shape).
-
-    Attributes:
-        volume: CT in HU (``np.int16``, noise, offset and field of view applied) or MR intensities
-            (``np.uint16``).
-        spacing: voxel size in mm, (S, A, R) order.
-        organs: ``np.uint8`` organ labels (:data:`CHEST_ORGANS` or :data:`BRAIN_ORGANS`).
-        findings_mask: ``np.uint8`` finding labels (:data:`MASK_LABELS` index + 1).
-        findings: every plantable finding of the modality -> planted or not.
-        details: per planted finding, facts a report can state (side, lobe, size in mm, kind, ...).
-        modality: ``"CT"`` or ``"MR"``; sequence: ``"T1"``/``"T2"``/``"FLAIR"`` for MR, else None.
-    """
-
-    volume: np.ndarray
-    spacing: tuple[float, float, float]
-    organs: np.ndarray
-    findings_mask: np.ndarray
-    findings: dict[str, bool]
-    details: dict[str, dict] = field(default_factory=dict)
-    modality: str = "CT"
-    sequence: str | None = None
-
-
-@dataclass(frozen=True)
-class ScannerProfile:
-    """Acquisition settings of one scanner (sizes in mm; one scanner is drawn per study from its site's)."""
-
-    name: str                             # identification; name, manufacturer and model go to DICOM headers
-    manufacturer: str
-    model: str
-    modality: str                         # "CT" or "MR"
-    matrix: tuple[int, ...]               # square in-plane matrix sizes to choose from
-    fov_mm: tuple[float, float]           # in-plane field of view range; pixel spacing = fov / matrix
-    slice_spacing_mm: tuple[float, ...]   # slice spacings to choose from
-    coverage_mm: tuple[float, float]      # scanned length along the body axis
-    noise_std: float                      # Gaussian noise std (CT: HU; MR: intensity before the gain)
-    offset: float = 0.0                   # CT calibration offset (HU)
-    gain: float = 1.0                     # MR intensity gain
-    fov_pad: int = -1024                  # CT value outside the circular reconstruction field of view
-    overlap: float = 1.0                  # slice thickness / slice spacing (> 1: overlapping reconstructions)
-    kernel: str = "STANDARD"              # reconstruction kernel (CT) or sequence family (MR)
-
-
-@dataclass(frozen=True)
-class SiteProfile:
-    """A synthetic hospital: what it scans, how often findings occur, and how it exports them."""
-
-    name: str
-    modality_mix: dict[str, float]                  # modality -> probability
-    prevalence: dict[str, float]                    # finding -> probability of being planted
-    scanners: dict[str, tuple[ScannerProfile, ...]]  # modality -> scanners, one drawn per study
-    multiframe_fraction: float = 0.1                # DICOM studies written as enhanced multi-frame files
-    nifti_fraction: float = 0.1                     # studies exported as NIfTI instead of DICOM
-    studies_per_patient: tuple[float, ...] = (0.8, 0.15, 0.05)  # P(1, 2, 3, ... studies of one patient)
-    extra_series_p: float = 0.2                     # P(a second, thicker CT reconstruction)
-    localizer_p: float = 0.3                        # P(a localizer series of 1-3 images), DICOM studies
-    report_styles: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in REPORT_STYLES})
-    report_format: str = "csv"                      # "csv" (reports.csv) or "jsonl" (reports.jsonl)
-    folder_styles: tuple[str, ...] = ("nested",)    # DICOM tree layouts: nested, dated, flat, series
-    mr_sequences: tuple[str, ...] = SEQUENCES       # every MR study has these, co-registered
-
-
-_CT_A = ScannerProfile("ct-general", "SYNTH Medical", "Helix 64", "CT", (128, 144), (360.0, 420.0), (3.0, 4.0, 5.0),
-                       (290.0, 340.0), noise_std=12.0, offset=0.0, fov_pad=-1024, kernel="B31f")
-_CT_B = ScannerProfile("ct-cardio", "Acme Imaging", "CardioSpin 256", "CT", (128,), (340.0, 400.0), (2.5,),
-                       (280.0, 300.0), noise_std=18.0, offset=12.0, fov_pad=-2048, overlap=1.2, kernel="FC43")
-_CT_C = ScannerProfile("ct-pulmonary", "Nordic Scan", "Pulmo 16", "CT", (96, 112, 128), (340.0, 400.0), (4.0, 5.0, 6.0),
-                       (300.0, 350.0), noise_std=25.0, offset=-20.0, fov_pad=-3024, kernel="LUNG")
-_MR_A = ScannerProfile("mr-neuro", "SYNTH Medical", "Magneton 3T", "MR", (96, 112, 128), (220.0, 240.0), (4.0, 5.0),
-                       (150.0, 175.0), noise_std=18.0, gain=1.6, kernel="SE")
-
-
-def _prev(names: Iterable[str], default: float, **special: float) -> dict[str, float]:
-    keys = {k.replace("_", " ").capitalize(): v for k, v in special.items()}
-    return {n: keys.get(n, default) for n in names}
-
-
-SITE_PROFILES: dict[str, SiteProfile] = {
-    "general": SiteProfile("general", {"CT": 1.0}, _prev(CHEST_FINDINGS, 0.4), {"CT": (_CT_A,)},
-                           multiframe_fraction=0.15, nifti_fraction=0.1, extra_series_p=0.3, localizer_p=0.4,
-                           folder_styles=("nested", "series")),
-    "cardio": SiteProfile("cardio", {"CT": 1.0}, _prev(CHEST_FINDINGS, 0.15, cardiomegaly=0.65,
-                          arterial_wall_calcification=0.7, medical_material=0.6, pericardial_effusion=0.35),
-                          {"CT": (_CT_B,)}, multiframe_fraction=0.4, nifti_fraction=0.0, extra_series_p=0.2,
-                          localizer_p=0.5, studies_per_patient=(0.6, 0.3, 0.1),
-                          report_styles={"structured": 3.0, "bulleted": 1.0}, folder_styles=("dated",)),
-    "pulmonary": SiteProfile("pulmonary", {"CT": 1.0}, _prev(CHEST_FINDINGS, 0.15, emphysema=0.65,
-                             lung_nodule=0.65, consolidation=0.5, pleural_effusion=0.35), {"CT": (_CT_C,)},
-                             multiframe_fraction=0.0, nifti_fraction=0.3, extra_series_p=0.1, localizer_p=0.2,
-                             report_styles={"narrative": 2.0, "terse": 2.0}, folder_styles=("flat",)),
-    "neuro": SiteProfile("neuro", {"MR": 1.0}, _prev(BRAIN_FINDINGS, 0.3), {"MR": (_MR_A,)},
-                         multiframe_fraction=0.2, nifti_fraction=0.2, extra_series_p=0.0, localizer_p=0.3,
-                         report_format="jsonl", folder_styles=("series",)),
-    "central": SiteProfile("central", {"CT": 1.0}, _prev(CHEST_FINDINGS, 0.4), {"CT": (_CT_A, _CT_B, _CT_C)},
-                           multiframe_fraction=0.2, nifti_fraction=0.15, extra_series_p=0.1, localizer_p=0.2,
-                           folder_styles=("nested", "dated", "flat", "series")),
-}
-"""The synthetic sites: three CT sites with different prevalences and scanners, one brain MR site, and
-"central" (CT, balanced prevalence, every CT scanner), the held-out evaluation cohort."""
-
-
-def get_profile(profile: str | SiteProfile) -> SiteProfile:
-    """A :class:`SiteProfile` by name (or the profile itself); ValueError listing the known names."""
-    if isinstance(profile, SiteProfile):
-        return profile
-    if profile not in SITE_PROFILES:
-        raise ValueError(f"Unknown site profile {profile!r}; known profiles: {sorted(SITE_PROFILES)}.")
-    return SITE_PROFILES[profile]
-
-
-def sample_modality(profile: str | SiteProfile, rng: np.random.Generator) -> str:
-    """One modality drawn from the profile's modality mix."""
-    mix = get_profile(profile).modality_mix
-    names = sorted(mix)
-    p = np.array([mix[n] for n in names], dtype=float)
-    return names[int(rng.choice(len(names), p=p / p.sum()))]
-
-
-def sample_study(profile: str | SiteProfile, rng: np.random.Generator, modality: str | None = None) -> dict[str, bool]:
-    """The findings of one study: every plantable finding of ``modality`` (drawn from the profile's mix
-    when None) -> planted, each independently with the profile's prevalence."""
-    prof = get_profile(profile)
-    modality = modality or sample_modality(prof, rng)
-    names = CHEST_FINDINGS if modality == "CT" else BRAIN_FINDINGS
-    draws = rng.random(len(names))
-    return {n: bool(d < prof.prevalence.get(n, 0.0)) for n, d in zip(names, draws)}
-
-
-def scan_geometry(scanner: ScannerProfile, rng: np.random.Generator) -> tuple[tuple[int, int, int], Vec, float]:
-    """(shape (S, A, R), spacing (S, A, R) in mm, slice thickness in mm) of one series of ``scanner``."""
-    matrix = int(rng.choice(scanner.matrix))
-    pixel = round(float(rng.uniform(*scanner.fov_mm)) / matrix, 4)
-    dz = float(rng.choice(scanner.slice_spacing_mm))
-    n = int(round(float(rng.uniform(*scanner.coverage_mm)) / dz))
-    return (n, matrix, matrix), (dz, pixel, pixel), round(dz * scanner.overlap, 3)
-
-
-# ----------------------------------------------------------------------------------------- geometry
-
-class _Canvas:
-    """Arrays of one phantom plus world coordinates (mm, from the array centre) and painting helpers."""
-
-    def __init__(self, shape: tuple[int, int, int], spacing: Vec, background: float) -> None:
-        self.shape, self.spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
-        self.axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(d)
-                     for n, d in zip(self.shape, spacing)]
-        self.vol = np.full(self.shape, background, np.float32)
-        self.organs = np.zeros(self.shape, np.uint8)
-        self.fmask = np.zeros(self.shape, np.uint8)
-
-    def box(self, lo: Iterable[float], hi: Iterable[float]) -> tuple[slice, ...] | None:
-        """Index slices of the voxels whose centres lie in [lo, hi] (mm per axis), None when empty."""
-        out = []
-        for ax, l, h in zip(self.axes, lo, hi):
-            i0, i1 = int(np.searchsorted(ax, l, "left")), int(np.searchsorted(ax, h, "right"))
-            if i1 <= i0:
-                return None
-            out.append(slice(i0, i1))
-        return tuple(out)
-
-    def coords(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        z, y, x = (ax[s] for ax, s in zip(self.axes, box))
-        return z[:, None, None], y[None, :, None], x[None, None, :]
-
-    def ellipsoid(self, c: Vec, r: Vec, pad: float = 0.0):
-        """(box, mask) of the ellipsoid with centre ``c`` and semi-axes ``r`` (z, y, x mm)."""
-        box = self.box([ci - ri - pad for ci, ri in zip(c, r)], [ci + ri + pad for ci, ri in zip(c, r)])
-        if box is None:
-            return None, None
-        z, y, x = self.coords(box)
-        return box, ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 <= 1.0
-
-    def capsule(self, p0: Vec, p1: Vec, radius: float):
-        """(box, mask) of the segment p0-p1 thickened by ``radius`` (mm)."""
-        a, b = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
-        box = self.box(np.minimum(a, b) - radius, np.maximum(a, b) + radius)
-        if box is None:
-            return None, None
-        z, y, x = self.coords(box)
-        d = b - a
-        t = np.clip(((z - a[0]) * d[0] + (y - a[1]) * d[1] + (x - a[2]) * d[2]) / max(float(d @ d), 1e-6), 0, 1)
-        return box, (z - a[0] - t * d[0]) ** 2 + (y - a[1] - t * d[1]) ** 2 + (x - a[2] - t * d[2]) ** 2 <= radius**2
-
-    def paint(self, box, mask, value: float | np.ndarray, organ: int | None = None, finding: str | None = None,
-              within: int | None = None) -> int:
-        """Set voxels of ``mask`` (restricted to organ ``within``): value, organ label (None keeps it) and
-        finding label (anatomy clears it). Returns the number of voxels painted."""
-        if box is None:
-            return 0
-        if within is not None:
-            mask = mask & (self.organs[box] == within)
-        v = self.vol[box]
-        v[mask] = value if np.isscalar(value) else np.broadcast_to(value, mask.shape)[mask]
-        if organ is not None:
-            self.organs[box][mask] = organ
-        self.fmask[box][mask] = _LABEL[finding] if finding else 0
-        return int(mask.sum())
-
-
-def _check(findings_present: Iterable[str], names: tuple[str, ...], kind: str) -> set[str]:
-    present = set(findings_present)
-    unknown = sorted(present - set(names))
-    if unknown:
-        raise ValueError(f"{kind} phantoms cannot plant {unknown}; plantable findings: {list(names)}.")
-    return present
-
-
-def _children(rng: np.random.Generator, names: tuple[str, ...]) -> dict[str, np.random.Generator]:
-    seeds = rng.integers(0, 2**63 - 1, size=len(names))
-    return {n: np.random.default_rng(int(s)) for n, s in zip(names, seeds)}
-
-
-def _side(x: float) -> str:
-    return "right" if x > 0 else "left"
 
 
 # ----------------------------------------------------------------------------------------- chest CT

@@ -11,8 +11,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float | None = None) -> Path:
-    """A Markdown report of a run folder (``history.jsonl``); returns its path."""
+HEADLINE = ("zero_shot.macro_auroc", "findings_head.macro_auroc", "probe.macro_auroc",
+            "retrieval.report_to_volume.recall@5", "retrieval.report_to_volume.chance@5", "generation.bleu4",
+            "generation.rougeL", "generation.clinical_f1", "segmentation.mean_dice")
+
+
+def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float | None = None,
+                     evaluation: dict[str, Any] | None = None, html: Path | None = None) -> Path:
+    """A Markdown report of a run folder (``history.jsonl``), with a final evaluation if given."""
     run_dir, out = Path(run_dir), Path(out)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
     lines = [f"# Federated run report: {run_dir}", ""]
@@ -34,11 +40,21 @@ def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float |
             lines.append(f"| {r['round']} | " + " | ".join(_fmt(r["train"].get(k, "-")) for k in losses) + " |")
     evaluated = [r for r in history if r.get("evaluation")]
     if evaluated:
-        keys = sorted({k for r in evaluated for k in r["evaluation"]})
+        keys = sorted({k for r in evaluated for k, v in r["evaluation"].items()
+                       if k.startswith("validation.total") or k in HEADLINE})
         lines += ["", "## Central evaluation (held-out cohort)", "", "| round | " + " | ".join(keys) + " |",
                   "|---" * (len(keys) + 1) + "|"]
         for r in evaluated:
             lines.append(f"| {r['round']} | " + " | ".join(_fmt(r["evaluation"].get(k, "-")) for k in keys) + " |")
+    if evaluation:
+        lines += ["", "## Final evaluation of the global model (held-out cohort)", ""]
+        ci = evaluation.get("zero_shot.macro_ci") or [None, None]
+        for key in HEADLINE:
+            if key in evaluation:
+                extra = f" (95% CI {_fmt(ci[0])}-{_fmt(ci[1])})" if key == "zero_shot.macro_auroc" and ci[0] else ""
+                lines.append(f"- {key}: {_fmt(evaluation[key])}{extra}")
+        if html:
+            lines.append(f"- full report with ROC curves and example reports: {html}")
     traffic = history[-1]
     lines += ["", "Overhead: round wall time minus the slowest site's local training time (process start-up, "
               "model build, transfer of the weights, aggregation, checkpointing; not the central evaluation).", ""]

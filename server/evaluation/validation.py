@@ -1,4 +1,9 @@
-"""Validation losses of the global model on a held-out cohort (the per-round evaluation hook)."""
+"""The per-round evaluation hook: validation losses and the light central metrics on a held-out cohort.
+
+Every ``evaluate_every`` rounds the ServerApp scores the global model on the run's evaluation cohort:
+the objectives' losses on a fixed set of batches, and zero-shot AUROC, the findings head, retrieval
+and the linear probe (no bootstrap, no report generation: those are in ``fedvlp-server evaluate``).
+"""
 
 from __future__ import annotations
 
@@ -15,16 +20,15 @@ from shared_models.cohort import Collate, SiteDataset
 
 from ..settings import RunSettings
 from .cohorts import resolve_cohort
+from .evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
 
-def validation_losses(settings: RunSettings, arrays: dict[str, np.ndarray], batch_size: int = 4) -> dict[str, float]:
+def validation_losses(model, settings: RunSettings, batch_size: int = 4) -> dict[str, float]:
     """Mean objective losses over the first ``eval_batches`` batches of the cohort, in a fixed order."""
     cohort = resolve_cohort(settings.eval_cohort)
-    model_cfg = load_model_config(settings.preset).replace(objectives=settings.objectives)
-    model = build_model(model_cfg)
-    load_arrays(model, arrays)
+    model_cfg = model.cfg
     model.eval()
     data = SiteDataset(cohort, model_cfg, augment=False)
     loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=False, collate_fn=Collate(model_cfg))
@@ -45,8 +49,14 @@ def validation_evaluator(settings: RunSettings):
         return None
 
     def evaluate(server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        scores = validation_losses(settings, arrays)
-        log.info("round %d validation: %s", server_round, {k: round(v, 4) for k, v in scores.items()})
+        model = build_model(load_model_config(settings.preset).replace(objectives=settings.objectives))
+        load_arrays(model, arrays)
+        scores: dict[str, Any] = validation_losses(model, settings)
+        light = evaluate_model(model, settings.eval_cohort, n_boot=0, generate=0, progress=False)
+        scores.update({k: v for k, v in light.items()  # None = undefined (e.g. a finding without positives)
+                       if (v is None or isinstance(v, (int, float))) and not k.startswith("_")})
+        log.info("round %d evaluation: zero-shot macro AUROC %s, probe %s, validation total %.4f", server_round,
+                 scores.get("zero_shot.macro_auroc"), scores.get("probe.macro_auroc"), scores["validation.total"])
         return scores
 
     return evaluate

@@ -50,3 +50,23 @@ def test_the_cli_evaluates_a_run_checkpoint(tiny_sites, tmp_path, capsys):
                        str(tmp_path / "eval"), "--bootstrap", "10", "--generate", "1"]) == 0
     assert "zero_shot.macro_auroc" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "Metrics by round" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_the_per_round_hook_scores_the_global_model_on_the_evaluation_cohort(tiny_sites, inprocess_grid, tmp_path):
+    from server.evaluation.validation import validation_evaluator
+    from server.federation import run_federation
+    from server.settings import RunSettings
+
+    sites, model_yaml = tiny_sites(3)
+    grid = inprocess_grid({n: None for n in (11, 12)}, {n: {"site-config": str(p)} for n, p in zip((11, 12), sites)})
+    settings = RunSettings(preset=str(model_yaml), rounds=2, local_steps=1, min_replies=2, min_available=2,
+                           run_dir=str(tmp_path / "run"), objectives={"clip": 1.0, "findings": 1.0},
+                           max_update_norm=1e6, evaluate_every=2, eval_cohort=str(sites[2]), eval_batches=1)
+    run_federation(grid, settings, validation_evaluator(settings))
+    history = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert "evaluation" not in history[0]  # every 2nd round
+    scores = history[1]["evaluation"]
+    assert {"validation.clip", "validation.findings", "validation.total", "zero_shot.macro_auroc",
+            "retrieval.report_to_volume.recall@1", "probe.macro_auroc"} <= set(scores)
+    assert scores["validation.total"] == scores["validation.clip"] + scores["validation.findings"]
+    assert history[1]["evaluation_seconds"] > 0
