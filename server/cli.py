@@ -2,6 +2,7 @@
 
     fedvlp-server demo --out runs/demo          # synthetic sites + a real local federation + report
     fedvlp-server report --run-dir RUN --out report.md
+    fedvlp-server train-central --recipe tiny --sites a/site.yaml b/site.yaml --run-dir runs/central
     fedvlp-server evaluate --checkpoint RUN/checkpoints/round_0003/global.safetensors --data COHORT --out DIR
         COHORT: an ingested cohort's cache folder, its manifest.jsonl, or its site YAML
 """
@@ -32,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--generate", type=int, default=32, help="studies to generate reports for")
+    p = sub.add_parser("train-central", help="the centralized baseline on the sites' pooled caches")
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--sites", nargs="+", required=True, help="the sites' YAMLs (or cache folders)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="run settings as in --run-config, e.g. num-rounds=4 local-steps=8 eval-cohort=/abs/c.yaml")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("report", help="write the Markdown report of a run folder")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
@@ -44,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
         report = run_demo(args.out, args.rounds, args.local_steps, args.studies, args.central_studies)
         print(report.read_text())
+        return 0
+    if args.command == "train-central":
+        import yaml
+
+        from .central import train_central
+        from .settings import settings_from_run_config
+
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+        settings = settings_from_run_config({"recipe": args.recipe, "run-dir": args.run_dir, **overrides})
+        print(train_central(settings, args.sites, args.batch_size, args.device))
         return 0
     if args.command == "evaluate":
         import json

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
-from server.checkpoint import RunFolder
+from server.checkpoint import RunFolder, load_arrays_file
 from server.cli import main as server_cli
 from server.evaluation.evaluate import evaluate_model, write_metrics
 from server.evaluation.html_report import write_html_report
+from server.federation import initial_arrays
+from server.settings import RunSettings
 from shared_models import build_model, load_model_config, model_to_arrays
 
 KEYS = ["zero_shot.macro_auroc", "zero_shot.per_finding", "zero_shot.macro_ci", "findings_head.macro_auroc",
@@ -70,3 +73,19 @@ def test_the_per_round_hook_scores_the_global_model_on_the_evaluation_cohort(tin
             "retrieval.report_to_volume.recall@1", "probe.macro_auroc"} <= set(scores)
     assert scores["validation.total"] == scores["validation.clip"] + scores["validation.findings"]
     assert history[1]["evaluation_seconds"] > 0
+
+
+def test_the_centralized_baseline_matches_the_federated_step_count_and_format(tiny_sites, tmp_path):
+    sites, model_yaml = tiny_sites(2)
+    run_dir = tmp_path / "central"
+    assert server_cli(["train-central", "--recipe", "tiny", "--sites", *map(str, sites), "--run-dir", str(run_dir),
+                       "--batch-size", "2", "--set", f"preset={model_yaml}", "num-rounds=2", "local-steps=1",
+                       "weight-report=0", "weight-multiview=0"]) == 0
+    history = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["optimizer_steps"] for h in history] == [2, 4]  # local_steps x sites per round, as a federation
+    assert history[0]["lr"] > history[1]["lr"]  # the recipe's schedule
+    latest = RunFolder(run_dir).latest()
+    assert latest.round == 2 and latest.state["run_key"] == "central"
+    fresh = initial_arrays(RunSettings(preset=str(model_yaml)))
+    start = load_arrays_file(run_dir / "checkpoints" / "round_0000" / "global.safetensors")
+    assert all(np.array_equal(start[k], fresh[k]) for k in fresh)  # the same start as a federated run
