@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--generate", type=int, default=32, help="studies to generate reports for")
+    p.add_argument("--masks", default=None, help="folder of <AccessionNumber>/findings.nii.gz for the segmentation probe")
     p = sub.add_parser("train-central", help="the centralized baseline on the sites' pooled caches")
     p.add_argument("--recipe", default="tiny")
     p.add_argument("--sites", nargs="+", required=True, help="the sites' YAMLs (or cache folders)")
@@ -72,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.html_report import write_html_report
 
         result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.preset, args.device, args.bootstrap,
-                                     args.generate)
+                                     args.generate, args.masks)
         run_dir = Path(args.checkpoint).resolve().parents[2]
         history_path = run_dir / "history.jsonl"
         history = [json.loads(x) for x in history_path.read_text().splitlines()] if history_path.is_file() else []
         report = write_html_report(result, Path(args.out) / "report.html", result.get("_roc"), history)
         for key in ("zero_shot.macro_auroc", "zero_shot.macro_ci", "retrieval.report_to_volume.recall@5",
-                    "generation.bleu4", "generation.clinical_f1", "probe.macro_auroc"):
+                    "generation.bleu4", "generation.clinical_f1", "probe.macro_auroc", "segmentation.mean_dice"):
             print(f"{key}: {result.get(key)}")
         print(f"metrics: {Path(args.out) / 'metrics.json'}; report: {report}")
         return 0

@@ -90,7 +90,8 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 8, studies: in
     from .evaluation.report import write_run_report
 
     final = sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"
-    evaluation = evaluate_checkpoint(final, central_yaml, out / "evaluation", n_boot=500, generate=16)
+    evaluation = evaluate_checkpoint(final, central_yaml, out / "evaluation", n_boot=500, generate=16,
+                                     masks=central_yaml.parent / "masks")
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     html = write_html_report(evaluation, out / "evaluation" / "report.html", evaluation.get("_roc"), history,
                              title="fedvlp demo: the global model on the held-out central cohort")

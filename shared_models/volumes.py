@@ -219,7 +219,13 @@ def preprocess_volume(
             fill = float(x[~bad].min()) if bool((~bad).any()) else 0.0
         x[bad] = fill
     x = _scale_intensity(x, mod, cfg)
+    out = _to_model_grid(x, aff, sp, cfg, mode="bilinear")
+    out = (out - float(cfg.norm_mean)) / float(cfg.norm_std)
+    return out.contiguous()
 
+
+def _to_model_grid(x: torch.Tensor, aff: np.ndarray | None, sp, cfg: PreprocessConfig, mode: str) -> torch.Tensor:
+    """Orientation (SAR), resampling to ``cfg.spacing`` and centred crop/pad (with 0) to ``cfg.size``."""
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
 
@@ -231,10 +237,32 @@ def preprocess_volume(
     img = MetaTensor(x[None], affine=torch.as_tensor(aff, dtype=torch.float64))
     img = Orientation(axcodes=AXCODES, labels=_RAS_LABELS)(img)  # flips/permutes only: exact
     # float32 resampling keeps memory down on 512^2 x N CTs; precision is ample for [0, 1] values.
-    img = Spacing(pixdim=tuple(float(s) for s in cfg.spacing), mode="bilinear", dtype=np.float32)(img)
-    out = center_crop_or_pad(_plain(torch.as_tensor(img)).to(torch.float32), cfg.size, value=0.0)
-    out = (out - float(cfg.norm_mean)) / float(cfg.norm_std)
-    return out.contiguous()
+    img = Spacing(pixdim=tuple(float(s) for s in cfg.spacing), mode=mode, dtype=np.float32)(img)
+    return center_crop_or_pad(_plain(torch.as_tensor(img)).to(torch.float32), cfg.size, value=0.0)
+
+
+def preprocess_label_map(
+    labels: np.ndarray | torch.Tensor, cfg: PreprocessConfig | ModelConfig, affine: np.ndarray | torch.Tensor,
+) -> torch.Tensor:
+    """A segmentation label map on the same grid as :func:`preprocess_volume` gives its image.
+
+    Same orientation, spacing and crop/pad as the image, with nearest-neighbour resampling and 0
+    (background) padding; no intensity change. Returns int64 ``[D, H, W]``.
+
+    Args:
+        labels: 3D integer label map in voxel order. cfg: the preprocessing config.
+        affine: its 4x4 voxel->world (RAS+, mm) matrix (the image's, for masks drawn on the image).
+    """
+    cfg = getattr(cfg, "preprocess", cfg)
+    _check_cfg(cfg)
+    if len(tuple(labels.shape)) != 3:
+        raise ValueError(f"label map should be 3D, got shape {tuple(labels.shape)}.")
+    aff = np.array(_plain(affine).detach().cpu().numpy() if isinstance(affine, torch.Tensor) else affine,
+                   dtype=np.float64)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise ValueError(f"affine should be a finite, invertible 4x4 matrix, got {aff.tolist()}.")
+    x = _as_float_tensor(labels)
+    return _to_model_grid(x, aff, None, cfg, mode="nearest")[0].round().to(torch.int64)
 
 
 def random_views(

@@ -10,7 +10,8 @@ What is computed (the seeds' protocols, ../shared/FACTS.md):
 - the supervised findings head's AUROC ("More performant");
 - retrieval report->volume and volume->report, Recall@{1,5,10,50,100} beside chance k/N;
 - report generation (greedy): BLEU-1..4, ROUGE-L, clinical efficacy of the labeler's findings;
-- a linear probe (logistic regression) on frozen volume embeddings, fixed split by study.
+- a linear probe (logistic regression) on frozen volume embeddings, fixed split by study;
+- with masks, a segmentation probe (a light UNETR-style decoder on the frozen encoder), Dice per label.
 Labels are the shared labeler's findings of each study's report (unmentioned = absent, as CT-RATE).
 """
 
@@ -68,8 +69,14 @@ def cohort_outputs(model, cohort: Path, batch_size: int = 8, generate: int = 32,
     }
 
 
-def evaluate_model(model, cohort: str | Path, n_boot: int = 1000, generate: int = 32, progress: bool = True) -> dict[str, Any]:
-    """All metrics of ``model`` on the cohort, as a flat dict with dotted keys."""
+def evaluate_model(model, cohort: str | Path, n_boot: int = 1000, generate: int = 32, progress: bool = True,
+                   masks: str | Path | None = None, mask_labels: list[str] | None = None,
+                   segmentation_steps: int = 60) -> dict[str, Any]:
+    """All metrics of ``model`` on the cohort, as a flat dict with dotted keys.
+
+    With ``masks`` (a folder of ``<AccessionNumber>/findings.nii.gz``), also the segmentation probe;
+    ``mask_labels`` names the label ids (default: the synthetic cohort's ``MASK_LABELS``).
+    """
     started = time.time()
     model.eval()
     cohort = resolve_cohort(cohort)
@@ -110,6 +117,15 @@ def evaluate_model(model, cohort: str | Path, n_boot: int = 1000, generate: int 
                            out["volume"][test], {f: y[test] for f, y in labels.items()})
     result["probe.macro_auroc"] = probe["macro_auroc"]
     result["probe.per_finding"] = probe["per_finding"]
+    if masks:  # label names default to the synthetic cohort's tables
+        from shared_models.phantoms import BRAIN_ORGANS, CHEST_ORGANS, MASK_LABELS
+
+        from .segmentation import segmentation_probe
+
+        result.update(segmentation_probe(model, cohort, masks, list(mask_labels or MASK_LABELS), steps=segmentation_steps))
+        organs = CHEST_ORGANS if model.cfg.vocabulary == "ct_rate" else BRAIN_ORGANS
+        result.update(segmentation_probe(model, cohort, masks, sorted(organs, key=organs.get), steps=segmentation_steps,
+                                         mask_file="organs.nii.gz", prefix="segmentation_organs"))
     result["seconds"] = round(time.time() - started, 2)
     return result
 
@@ -124,7 +140,8 @@ def _generation_metrics(refs: list[str], generated: list[str], vocabulary: list[
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cohort: str | Path, out_dir: str | Path, preset: str | None = None,
-                        device: str = "auto", n_boot: int = 1000, generate: int = 32) -> dict[str, Any]:
+                        device: str = "auto", n_boot: int = 1000, generate: int = 32,
+                        masks: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a ``global.safetensors`` (its run's preset from the checkpoint's ``state.json`` unless given)."""
     from ..checkpoint import load_arrays_file
 
@@ -138,7 +155,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cohort: str | Path, out_dir: str
     load_arrays(model, load_arrays_file(checkpoint))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model.to(dev)
-    result = evaluate_model(model, cohort, n_boot=n_boot, generate=generate)
+    result = evaluate_model(model, cohort, n_boot=n_boot, generate=generate, masks=masks)
     result["checkpoint"] = str(checkpoint)
     write_metrics(result, out_dir)
     return result

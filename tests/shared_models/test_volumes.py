@@ -306,3 +306,21 @@ def test_random_views_too_large_names_both(view_size):
 def test_random_views_bad_arguments(vol, num_views, view_size):
     with pytest.raises(ValueError):
         random_views(vol, num_views, view_size)
+
+
+def test_label_maps_land_on_the_image_grid_with_nearest_neighbour():
+    from shared_models.config import PreprocessConfig
+    from shared_models.volumes import preprocess_label_map
+
+    cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.0), size=(16, 16, 16))
+    image = np.full((32, 32, 32), -1000.0, dtype=np.float32)
+    labels = np.zeros((32, 32, 32), dtype=np.uint8)
+    image[8:16, 10:20, 4:12] = 300.0
+    labels[8:16, 10:20, 4:12] = 3  # a finding drawn on the image
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])  # voxel axes (R flipped, A, S) at 1 mm
+    x = preprocess_volume(image, None, "CT", cfg, affine=affine)[0]
+    y = preprocess_label_map(labels, cfg, affine)
+    assert y.dtype == torch.int64 and y.shape == (16, 16, 16)
+    assert set(torch.unique(y).tolist()) == {0, 3}  # nearest: no blended label values
+    bright = x > x.min() + 1.0
+    assert torch.equal(bright, y == 3)  # the label sits exactly where the image shows the finding
