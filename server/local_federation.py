@@ -46,6 +46,35 @@ def toml_value(value: Any) -> str:
     return "'" + str(value).replace("'", "") + "'"
 
 
+def processes_using(addresses: list[str]) -> list[int]:
+    """PIDs whose command line names one of ``addresses`` ("127.0.0.1:PORT"), from /proc.
+
+    Flower's SuperLink and SuperNodes start ``flower-superexec`` in sessions of their own, and those
+    start the ServerApp and ClientApps; after a crash these are re-parented to PID 1. What they share
+    is the loopback address of their SuperLink or SuperNode, which we allocated.
+    """
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if any(address in arg for arg in text for address in addresses):
+            pid = int(cmdline.parent.name)
+            if pid != os.getpid():
+                found.append(pid)
+    return found
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Signal the process group a process leads (it was started in its own session)."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group is gone
+
+
 class LocalFederation:
     """SuperLink + SuperNodes on 127.0.0.1.
 
@@ -103,8 +132,8 @@ class LocalFederation:
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Stop site ``i``'s SuperNode and its ClientApp processes (SIGKILL: as if the machine died)."""
         process = self.nodes[i]
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, sig)
+        if process is not None:
+            _signal_group(process, sig)
             process.wait(timeout=30)
         self.nodes[i] = None
 
@@ -124,23 +153,30 @@ class LocalFederation:
                                       "--run-config", overrides])
 
     def stop(self) -> None:
-        for process in [*self.nodes, self.superlink]:
-            if process is not None and process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
+        """Stop every process group started here, also those whose leader already died (their children,
+        e.g. the ServerApp of a killed SuperLink, are in the same group)."""
+        started = [p for p in [*self.nodes, self.superlink] if p is not None]
+        for process in started:
+            _signal_group(process, signal.SIGTERM)
         deadline = time.time() + 15
-        for process in [*self.nodes, self.superlink]:
-            if process is None:
-                continue
+        for process in started:
             try:
                 process.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+                pass
+            _signal_group(process, signal.SIGKILL)  # whatever of the group is left
+            process.wait(timeout=10)
+        for pid in processes_using(self.addresses()):  # the SuperExecs' apps, in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.nodes = [None] * len(self.site_configs)
         self.superlink = None
+
+    def addresses(self) -> list[str]:
+        """The loopback addresses of this federation's SuperLink and SuperNodes."""
+        return [f"127.0.0.1:{port}" for port in [self.port, *self.node_ports] if port]
 
     def __enter__(self) -> "LocalFederation":
         try:
