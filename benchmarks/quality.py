@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=40, help="studies per site")
     parser.add_argument("--central-studies", type=int, default=60)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--weights", default="", help="objective weights overriding the recipe, e.g. clip=1,osl=0.5,findings=1 "
+                        "(objectives not named keep the recipe's weight; name them =0 to drop them)")
     parser.add_argument("--ablations", nargs="*", default=[], choices=["osl", "mae", "multiview", "report", "findings"])
     parser.add_argument("--skip-central", action="store_true")
     args = parser.parse_args()
@@ -73,6 +75,9 @@ def main() -> None:
         sites, central = prepare_cohorts(out, args.studies, args.central_studies, "tiny")
     config = {"recipe": args.recipe, "num-rounds": args.rounds, "local-steps": args.local_steps, "lr": args.lr,
               "min-available": 3, "min-replies": 3, "evaluate-every": args.rounds}
+    for item in filter(None, args.weights.split(",")):
+        name, value = item.split("=")
+        config[f"weight-{name.strip()}"] = float(value)
     results = {"federated": federated(out, sites, central, "federated", config)}
     if not args.skip_central:
         settings = settings_from_run_config({**config, "run-dir": str(out / "centralized"),
