@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
@@ -22,6 +23,7 @@ from pydicom.uid import (
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLSLossless,
     MRImageStorage,
     generate_uid,
 )
@@ -193,11 +195,22 @@ def test_shipped_files_refused(name, reason, why):
     assert err.value.reason == reason and why in err.value.detail
 
 
-@pytest.mark.skipif(get_decoder(JPEG2000Lossless).is_available, reason="a JPEG 2000 decoder is installed here")
-def test_jpeg2000_without_decoder_is_unsupported():
-    with pytest.raises(IngestError) as err:
-        read_header(get_testdata_file("MR_small_jp2klossless.dcm"))
-    assert err.value.reason == R.UNSUPPORTED_TRANSFER_SYNTAX and "JPEG 2000" in err.value.detail
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm"])
+def test_compressed_files_are_refused_exactly_when_no_decoder_is_installed(name):
+    """Which decoders exist depends on the installation (Pillow decodes JPEG 2000, not JPEG-LS)."""
+    path = get_testdata_file(name)
+    syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    if get_decoder(syntax).is_available:
+        assert read_header(path).transfer_syntax_uid == syntax
+    else:
+        with pytest.raises(IngestError) as err:
+            read_header(path)
+        assert err.value.reason == R.UNSUPPORTED_TRANSFER_SYNTAX and syntax.name in err.value.detail
+
+
+def test_jpeg_ls_has_no_decoder_in_this_installation():
+    """The project installs no JPEG-LS decoder, so the refusal path above is exercised."""
+    assert not get_decoder(JPEGLSLossless).is_available
 
 
 def test_rle_header_is_accepted_since_pydicom_decodes_it_natively():
