@@ -119,7 +119,8 @@ class Collate:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         self.calls += 1
-        rng = random.Random(hash((self.seed, self.calls)))
+        worker = torch.utils.data.get_worker_info()  # each DataLoader worker has its own copy of this object
+        rng = random.Random(hash((self.seed, worker.id if worker else -1, self.calls)))
         generator = torch.Generator().manual_seed(rng.getrandbits(63))
         findings = [item["findings"] for item in items]
         labels, masks = zip(*(findings_vector(f, self.cfg.vocabulary) for f in findings))

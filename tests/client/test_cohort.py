@@ -74,3 +74,13 @@ def test_augmentation_is_deterministic_per_seed_and_epoch(site, make_tiny_config
 def test_an_empty_cache_is_a_clear_error(tmp_path, make_tiny_config):
     with pytest.raises(ValueError, match="no studies with a report in .*run fedvlp-site ingest"):
         SiteDataset(tmp_path, make_tiny_config())
+
+
+def test_dataloader_workers_draw_different_views(site, make_tiny_config):
+    from torch.utils.data import DataLoader
+
+    model_cfg = make_tiny_config()
+    data = SiteDataset(site.cache_dir, model_cfg)
+    loader = DataLoader([data[0], data[0]], batch_size=1, num_workers=2, collate_fn=Collate(model_cfg, seed=1))
+    first, second = list(loader)
+    assert not torch.equal(first["views"], second["views"])  # same item, different worker: other crops
