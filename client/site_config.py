@@ -27,8 +27,14 @@ Schema (every key optional unless marked; relative paths are relative to the YAM
         timeout_s: 30
     preprocess: {}                      # overrides of the model's preprocessing (spacing, size, ...)
     compute: {device: auto, batch_size: 4, workers: 2, amp: true, grad_accum: 1, threads: null}
-    privacy: {sample_dp: false, noise_multiplier: 1.0, max_grad_norm: 1.0, target_delta: 1.0e-5,
-              allowed_fab_hashes: []}
+    privacy:
+      sample_dp: false                  # DP-SGD (opacus) on this site's data: MAE, report and findings only
+      noise_multiplier: 1.0             #   DP-SGD noise (std = noise_multiplier * max_grad_norm per batch)
+      max_grad_norm: 1.0                #   per-sample gradient clipping bound
+      target_delta: 1.0e-5              #   the delta the site's epsilon is reported at
+      max_epsilon: 0                    #   > 0: refuse to train a round once this epsilon is spent
+      allowed_fab_hashes: []            # app versions this site runs (fedvlp-site fab-hash PROJECT)
+      egress_log: null                  # a JSONL file recording every reply that leaves the site
     metrics: {port: null}
 
 Unknown keys, wrong types and missing paths are errors that name the key and the file.
@@ -37,6 +43,7 @@ Unknown keys, wrong types and missing paths are errors that name the key and the
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +103,9 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     target_delta: float = 1e-5
+    max_epsilon: float = 0.0
     allowed_fab_hashes: list[str] = field(default_factory=list)
+    egress_log: str | None = None
 
 
 @dataclass
@@ -165,6 +174,7 @@ def _resolve_paths(cfg: SiteConfig, base: Path) -> None:
     cfg.text_model_dir = absolute(cfg.text_model_dir)
     if cfg.model.endswith((".yaml", ".yml")):
         cfg.model = absolute(cfg.model) or cfg.model
+    cfg.privacy.egress_log = absolute(cfg.privacy.egress_log)
     cfg.data.dicom_root = absolute(cfg.data.dicom_root)
     cfg.data.nifti_manifest = absolute(cfg.data.nifti_manifest)
     if cfg.data.reports is not None:
@@ -212,6 +222,14 @@ def _validate(cfg: SiteConfig, path: Path) -> None:
         fail("data.labeler", "kind 'llm' needs endpoint (an OpenAI-compatible URL inside the hospital) and model.")
     if cfg.compute.batch_size < 1 or cfg.compute.grad_accum < 1 or cfg.compute.workers < 0:
         fail("compute", "batch_size and grad_accum should be >= 1 and workers >= 0.")
+    priv = cfg.privacy
+    bad = [h for h in priv.allowed_fab_hashes if not re.fullmatch(r"[0-9a-fA-F]{64}", str(h))]
+    if bad:
+        fail("privacy.allowed_fab_hashes", f"{bad[0]!r} is not a FAB hash (64 hex characters; "
+                                           "fedvlp-site fab-hash PROJECT_DIR prints one).")
+    if not (priv.noise_multiplier > 0 and priv.max_grad_norm > 0 and 0 < priv.target_delta < 1
+            and priv.max_epsilon >= 0):
+        fail("privacy", "noise_multiplier and max_grad_norm should be > 0, target_delta in (0, 1), max_epsilon >= 0.")
     if cfg.text_model_dir and not Path(cfg.text_model_dir).is_dir():
         fail("text_model_dir", f"folder {cfg.text_model_dir} does not exist.")
     try:

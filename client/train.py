@@ -51,6 +51,7 @@ class RoundConfig:
     proximal_mu: float = 0.0
     weight_decay: float = 0.05
     max_grad_norm: float = 1.0
+    uniform_weights: bool = False  # DP-FedAvg: every site counts as one example
 
     def to_flat(self) -> dict[str, Any]:
         flat = {k: v for k, v in self.__dict__.items() if k != "weights"}
@@ -150,5 +151,5 @@ def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: 
                               "nothing was sent. Lower the learning rate or check the site's data with fedvlp-site check.")
     _save_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round))
     metrics["optimizer-resumed"] = float(resumed)
-    num_examples = int(metrics.pop("volumes"))
+    num_examples = 1 if rc.uniform_weights else int(metrics["volumes"])
     return RoundResult(arrays=arrays, num_examples=num_examples, metrics=metrics)

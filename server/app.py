@@ -25,3 +25,5 @@ def main(grid: Grid, context: Context) -> None:
     summary = run_federation(grid, settings, validation_evaluator(settings))
     logging.getLogger(__name__).info("run finished: %d rounds (%d skipped), checkpoints in %s",
                                      summary["rounds_completed"], summary["rounds_skipped"], summary["run_dir"])
+    if summary["stopped"]:
+        logging.getLogger(__name__).warning("run stopped early: %s", summary["stopped"])

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from shared_models import build_model, load_model_config, model_to_arrays
 
 from .checkpoint import RunFolder, load_arrays_file, restore_random_state
+from .privacy import PrivacyBudgetExhausted, privacy_state, write_privacy_report
 from .settings import RunSettings
 from .strategy import build_strategy
 
@@ -56,6 +57,8 @@ def round_config(settings: RunSettings, server_round: int, run_key: str) -> Conf
         "mae_alternate": settings.mae_alternate, "weight_decay": settings.weight_decay,
         "max_grad_norm": settings.max_grad_norm,
         "proximal_mu": settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
+        # DP-FedAvg averages unweighted: sites then report one example each
+        "uniform_weights": settings.dp != "none",
     }
     flat.update({f"weight.{name}": float(w) for name, w in settings.objectives.items()})
     return ConfigRecord(flat)
@@ -86,6 +89,7 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
         _warn_on_schedule_change(latest.state.get("settings", {}), settings)
         arrays, start = latest.arrays, latest.round + 1
         strategy.load_state_arrays(latest.strategy_state)
+        strategy.load_accountant_state(latest.state.get("accountant"))
         restore_random_state(latest.state["python_random"])
         run_key = latest.state["run_key"]
         folder.truncate_history(latest.round)
@@ -94,12 +98,18 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
         random.seed(settings.seed)
         arrays, start = initial_arrays(settings), 1
         run_key = hashlib.sha256(f"{Path(settings.run_dir).resolve()}|{time.time()}".encode()).hexdigest()[:16]
-        folder.save(0, arrays, {}, {"settings": settings.to_dict(), "run_key": run_key})
-    summary = {"rounds_completed": start - 1, "rounds_skipped": 0, "run_dir": str(folder.root)}
+        folder.save(0, arrays, {}, {"settings": settings.to_dict(), "run_key": run_key,
+                                    "accountant": strategy.accountant_state()})
+    summary = {"rounds_completed": start - 1, "rounds_skipped": 0, "run_dir": str(folder.root), "stopped": None}
     for server_round in range(start, settings.rounds + 1):
         started = time.time()
         config = round_config(settings, server_round, run_key)
-        messages = strategy.configure_train(server_round, to_record(arrays), config, grid)
+        try:
+            messages = strategy.configure_train(server_round, to_record(arrays), config, grid)
+        except PrivacyBudgetExhausted as err:  # the checkpoint of the last round is the final one
+            summary["stopped"] = f"privacy budget exhausted before round {server_round}: {err}"
+            log.warning("run stopped: %s; the final checkpoint is round %d's", summary["stopped"], server_round - 1)
+            break
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
         bytes_in = sum(sum(a.numpy().nbytes for a in r.content.array_records["arrays"].values())
                        for r in replies if not r.has_error() and "arrays" in r.content.array_records)
@@ -112,6 +122,8 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
             "participation": strategy.participation, "train": dict(metrics) if metrics else {},
             "bytes_received": bytes_in, "bytes_sent_per_site": sum(a.nbytes for a in arrays.values()),
         }
+        if (spent := privacy_state(strategy)) is not None:
+            record["privacy"] = spent
         evaluation_started = time.time()
         if evaluate and (server_round % settings.evaluate_every == 0 or server_round == settings.rounds):
             record["evaluation"] = evaluate(server_round, arrays)
@@ -123,11 +135,17 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
                 record["wall_seconds"] - record.get("evaluation_seconds", 0.0) - max(site_seconds), 3)
         # history first: a stop in between re-runs this round, and resume drops lines past the checkpoint
         folder.append_history(record)
-        folder.save(server_round, arrays, strategy.state_arrays(), {"settings": settings.to_dict(), "run_key": run_key})
+        folder.save(server_round, arrays, strategy.state_arrays(),
+                    {"settings": settings.to_dict(), "run_key": run_key, "accountant": strategy.accountant_state()})
+        write_privacy_report(folder.root, settings, folder.history())
         summary["rounds_completed"] = server_round
         summary["rounds_skipped"] += int(skipped)
         log.info("round %d/%d %s in %.1f s: %d/%d valid replies, train loss %s", server_round, settings.rounds,
                  "SKIPPED" if skipped else "done", record["wall_seconds"], strategy.participation["valid"],
                  strategy.participation["sampled"], record["train"].get("train-loss"))
+        if "privacy" in record:
+            log.info("round %d: client-level DP epsilon spent %.4g at delta %g", server_round,
+                     record["privacy"]["epsilon"], record["privacy"]["delta"])
+    write_privacy_report(folder.root, settings, folder.history(), stopped=summary["stopped"])
     summary["final_arrays"] = arrays
     return summary

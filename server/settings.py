@@ -21,6 +21,7 @@ from shared_models.config import build_dataclass, load_model_config
 from shared_models.objectives import check_weights
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+DP_MODES = ("none", "server", "client")
 ALIASES = {"num-rounds": "rounds"}
 
 
@@ -40,6 +41,10 @@ class RunSettings:
         max_update_norm: a reply whose L2 distance from the global model is larger is rejected.
         evaluate_every: central evaluation every k rounds (and after the last one) on ``eval_cohort``.
         init_checkpoint: start from these weights (a safetensors file) instead of a fresh model.
+        dp: client-level DP-FedAvg: ``none``, ``server`` (server-side fixed clipping) or ``client`` (sites
+            clip); ``dp_noise_multiplier``, ``dp_clipping_norm`` (L2 bound of a site's update),
+            ``dp_sites_per_round`` (sites sampled each round, all must reply), ``dp_target_delta``, and
+            ``dp_max_epsilon`` (0: no limit; else the run stops before a round that would pass it).
         run_dir: checkpoints, history and reports; a restart with the same folder resumes.
         keep_checkpoints: how many round checkpoints to keep (the latest ones).
     """
@@ -67,6 +72,12 @@ class RunSettings:
     eval_cohort: str = ""
     eval_batches: int = 4
     init_checkpoint: str = ""
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_sites_per_round: int = 2
+    dp_target_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0
     run_dir: str = "runs/default"
     keep_checkpoints: int = 3
     seed: int = 0
@@ -83,6 +94,8 @@ class RunSettings:
             raise ValueError(f"max_update_norm should be > 0, got {self.max_update_norm}.")
         if not self.round_timeout_s > 0:
             raise ValueError(f"round_timeout_s should be > 0, got {self.round_timeout_s}.")
+        if self.dp not in DP_MODES:
+            raise ValueError(f"dp should be one of {DP_MODES}, got {self.dp!r}.")
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction_train should be in (0, 1], got {self.fraction_train}.")
         self.objectives = check_weights(self.objectives)

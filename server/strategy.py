@@ -17,9 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from .privacy import check_dp_settings, dp_wrapper_class, make_accountant
 from .settings import RunSettings
 
 log = logging.getLogger(__name__)
+SITE_DP_METRICS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-max-grad-norm")
 
 
 def check_reply(content, reference: dict[str, np.ndarray], max_update_norm: float) -> str | None:
@@ -53,6 +55,14 @@ def check_reply(content, reference: dict[str, np.ndarray], max_update_norm: floa
     return None
 
 
+class LenientMetrics:
+    """Mixin: sites may report different metric names (``aggregate_metrics`` handles that), which
+    Flower's consistency check refuses; ``check_reply`` checks the rest of what it would."""
+
+    def _check_and_log_replies(self, replies, is_train: bool, validate: bool = True):
+        return super()._check_and_log_replies(replies, is_train, validate=False)
+
+
 class CheckedReplies:
     """Mixin for a Flower Message-API strategy: validate replies, require a minimum of valid ones."""
 
@@ -65,11 +75,6 @@ class CheckedReplies:
         self.participation: dict[str, Any] = {"sampled": len(messages), "replied": 0, "valid": 0, "rejected": [],
                                               "errors": [], "sites": []}
         return messages
-
-    def _check_and_log_replies(self, replies, is_train: bool, validate: bool = True):
-        # check_reply has already checked what Flower's consistency check would; sites may report
-        # different metric names (aggregate_metrics handles that), which Flower's check refuses
-        return super()._check_and_log_replies(replies, is_train, validate=False)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         valid = []
@@ -87,8 +92,9 @@ class CheckedReplies:
                 continue
             valid.append(msg)
             metrics = msg.content.metric_records["metrics"]
-            self.participation["sites"].append({"node": node, "num-examples": metrics["num-examples"],
-                                                "train-seconds": metrics.get("train-seconds")})
+            site = {"node": node, "num-examples": metrics["num-examples"], "train-seconds": metrics.get("train-seconds")}
+            site.update({k: metrics[k] for k in SITE_DP_METRICS if k in metrics})
+            self.participation["sites"].append(site)
         self.participation["valid"] = len(valid)
         if len(valid) < self.min_replies:
             log.warning("round %d skipped: %d valid replies, %d needed; the global model is kept",
@@ -96,7 +102,27 @@ class CheckedReplies:
             return None, None
         return super().aggregate_train(server_round, valid)
 
-    # -- state for checkpoints (FedAdam's moments; nothing for FedAvg/FedProx) -------------------------
+    # -- state for checkpoints (FedAdam's moments, the DP accountant's ledger) ------------------------
+    def accountant_state(self) -> dict[str, Any] | None:
+        accountant = getattr(self, "accountant", None)
+        return None if accountant is None else accountant.state_dict()
+
+    def load_accountant_state(self, state: dict[str, Any] | None) -> None:
+        accountant = getattr(self, "accountant", None)
+        if accountant is None:
+            if state:
+                raise ValueError("this run's checkpoint holds a DP accountant but the settings have dp: none; "
+                                 "resume with the run's DP settings.")
+            return
+        if not state:
+            raise ValueError("the settings ask for DP but this run's checkpoint has no accountant state: the "
+                             "rounds already run were not accounted; start a new run folder for a DP run.")
+        try:
+            accountant.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"cannot resume the DP budget: {err} Resume with the run's DP settings "
+                             f"(dp-target-delta, dp-sites-per-round, dp-max-epsilon).") from None
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         state = {}
         for name in ("m_t", "v_t"):
@@ -111,20 +137,56 @@ class CheckedReplies:
                 setattr(self, name, part)
 
 
-class CheckedFedAvg(CheckedReplies, FedAvg):
+class CheckedFedAvg(CheckedReplies, LenientMetrics, FedAvg):
     pass
 
 
-class CheckedFedProx(CheckedReplies, FedProx):
+class CheckedFedProx(CheckedReplies, LenientMetrics, FedProx):
     pass
 
 
-class CheckedFedAdam(CheckedReplies, FedAdam):
+class CheckedFedAdam(CheckedReplies, LenientMetrics, FedAdam):
     pass
+
+
+# inside a DP wrapper: no aggregate_train override (Flower's accountant requires FedAvg's own)
+class LenientFedAvg(LenientMetrics, FedAvg):
+    pass
+
+
+class LenientFedProx(LenientMetrics, FedProx):
+    pass
+
+
+def _build_dp_strategy(settings: RunSettings) -> CheckedReplies:
+    """FedAvg/FedProx inside Flower's fixed-clipping DP wrapper with the RDP accountant, reply checks outside.
+
+    Each round samples exactly ``dp_sites_per_round`` sites and needs all of them to reply validly.
+    """
+    check_dp_settings(settings)
+    k = settings.dp_sites_per_round
+    # a tiny fraction makes FedAvg sample exactly min_train_nodes = k sites
+    common = dict(fraction_train=1e-9, fraction_evaluate=0.0, min_train_nodes=k,
+                  min_available_nodes=max(k, settings.min_available), train_metrics_aggr_fn=aggregate_metrics)
+    inner = (LenientFedProx(proximal_mu=settings.proximal_mu, **common) if settings.strategy == "fedprox"
+             else LenientFedAvg(**common))
+    wrapper = dp_wrapper_class(settings)
+    checked = type(f"Checked{wrapper.__name__}", (CheckedReplies, wrapper), {})
+    strategy = checked(inner, settings.dp_noise_multiplier, settings.dp_clipping_norm, k,
+                       accountant=make_accountant(settings))
+    strategy.min_replies = k
+    strategy.max_update_norm = settings.max_update_norm
+    if settings.min_replies != k:
+        log.info("dp: every round needs all %d sampled sites to reply (min_replies %d is not used)", k,
+                 settings.min_replies)
+    return strategy
 
 
 def build_strategy(settings: RunSettings) -> CheckedReplies:
-    """The run's strategy: FedAvg, FedProx (``proximal_mu``) or FedAdam (``server_lr``), with reply checks."""
+    """The run's strategy: FedAvg, FedProx (``proximal_mu``) or FedAdam (``server_lr``), with reply checks;
+    FedAvg/FedProx inside Flower's DP wrapper when ``settings.dp`` is ``server`` or ``client``."""
+    if settings.dp != "none":
+        return _build_dp_strategy(settings)
     common = dict(fraction_train=settings.fraction_train, fraction_evaluate=0.0,
                   min_train_nodes=settings.min_available, min_available_nodes=settings.min_available,
                   train_metrics_aggr_fn=aggregate_metrics)
