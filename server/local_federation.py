@@ -4,6 +4,10 @@ The same stock commands a federation operator and site operators run (``flower-s
 ``flower-supernode --node-config 'site-config="/abs/site.yaml"'``, ``flwr run``), started and stopped
 for the local demo and the end-to-end tests. Every process is started in its own session and killed
 with its children on exit, also on Ctrl-C or failure. ``FLWR_HOME`` points into the work folder.
+
+Secure by default, as a real deployment is: a CA and a SuperLink certificate for TLS, one ECDSA key
+per SuperNode registered with the SuperLink (``--enable-supernode-auth``), all made in
+``WORKDIR/certs`` by :mod:`server.tls`. ``secure=False`` runs plaintext without node authentication.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from .tls import make_ca, make_node_key, make_server_cert
 
 CONNECTION = "local-deployment"
 
@@ -81,11 +87,15 @@ class LocalFederation:
     Args:
         workdir: folder for ``FLWR_HOME`` and logs.
         site_configs: one site YAML per SuperNode.
-        tls: optional ``{"ca": path, "cert": path, "key": path}`` for the SuperLink (else insecure).
+        extra_env: environment added to every process.
+        secure: TLS and SuperNode authentication (default), else plaintext.
     """
 
-    def __init__(self, workdir: str | Path, site_configs: list[str | Path], extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: str | Path, site_configs: list[str | Path], extra_env: dict[str, str] | None = None,
+                 secure: bool = True) -> None:
         self.workdir = Path(workdir).resolve()
+        self.secure = secure
+        self.certs = self.workdir / "certs"
         self.site_configs = [str(Path(p).resolve()) for p in site_configs]
         self.logs = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr_home"
@@ -105,27 +115,60 @@ class LocalFederation:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
                                 start_new_session=True)
 
-    def start(self) -> "LocalFederation":
+    def start(self, via: dict[int, str] | None = None) -> "LocalFederation":
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         # Flower 1.41 serves its Runtime, Control and Fleet APIs on this one port
+        if self.secure:
+            make_ca(self.certs)
+            make_server_cert(self.certs, self.certs, ["127.0.0.1", "localhost"])
+            security = ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.certs / "superlink.crt"),
+                        "--ssl-keyfile", str(self.certs / "superlink.key"), "--enable-supernode-auth"]
+            trust = f'root-certificates = "{self.ca}"'
+        else:
+            security, trust = ["--insecure"], "insecure = true"
         self.superlink = self._spawn("superlink", [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation",
         ])  # in-memory state: a file database gave "database is locked" under 3 concurrent uploads
         self.address = f"127.0.0.1:{self.port}"
         wait_for_port(self.port, process=self.superlink)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n')
+        (self.flwr_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n')
         for i in range(len(self.site_configs)):
-            self.start_node(i)
+            if self.secure:
+                self.register_key(self.node_key(i)[1])
+            self.start_node(i, (via or {}).get(i))
         return self
 
-    def start_node(self, i: int) -> None:
-        """Start (or restart) the SuperNode of site ``i``."""
+    @property
+    def ca(self) -> Path:
+        return self.certs / "ca.crt"
+
+    def node_key(self, i: int | str) -> tuple[Path, Path]:
+        """Site ``i``'s key pair (private, public), made on first use."""
+        name = f"supernode_{i}"
+        if not (self.certs / f"{name}.key").is_file():
+            make_node_key(self.certs, name)
+        return self.certs / f"{name}.key", self.certs / f"{name}.pub"
+
+    def register_key(self, public_key: Path) -> None:
+        """``flwr supernode register``: the operator admits a SuperNode's public key."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / "register.log", "ab") as log:
+            subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], stdout=log,
+                           stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, timeout=120, check=True)
+
+    def supernode_args(self, i: int, key: Path | None = None) -> list[str]:
+        """Security arguments of site ``i``'s SuperNode (``key`` overrides its registered key)."""
+        if not self.secure:
+            return ["--insecure"]
+        return ["--root-certificates", str(self.ca), "--auth-supernode-private-key", str(key or self.node_key(i)[0])]
+
+    def start_node(self, i: int, via: str | None = None) -> None:
+        """Start (or restart) the SuperNode of site ``i`` (``via``: another address that reaches the SuperLink)."""
         self.node_ports[i] = self.node_ports[i] or free_port()
         self.nodes[i] = self._spawn(f"supernode_{i}", [
-            "flower-supernode", "--insecure", "--superlink", self.address, "--port", str(self.node_ports[i]),
+            "flower-supernode", *self.supernode_args(i), "--superlink", via or self.address, "--port", str(self.node_ports[i]),
             "--node-config", f'site-config="{self.site_configs[i]}"',
         ])
 
