@@ -200,3 +200,34 @@ def test_no_identifier_leaves_a_site(cohort, tmp_path):
     assert len(egress) == 2 and all("arrays" in e and e["metrics"]["num-examples"] > 0 for e in egress)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["participation"]["valid"] for h in history] == [2, 2]
+
+
+def test_a_site_pinned_to_other_app_versions_refuses_this_one(cohort, tmp_path):
+    """Site 0 allows the FAB ``flwr run`` sends (its hash computed as a site operator would); site 1
+    allows only another version and refuses, with an error the server records."""
+    import yaml
+
+    from client.fab_pinning import fab_hash_of_project
+
+    this_app = fab_hash_of_project(REPO)
+    pinned = []
+    for i, allowed in enumerate([[this_app], ["0" * 64]]):
+        raw = yaml.safe_load(Path(cohort["sites"][i]).read_text())
+        raw["privacy"] = {"allowed_fab_hashes": allowed}
+        raw["cache_dir"] = str(Path(cohort["sites"][i]).parent / raw["cache_dir"])
+        for key in ("dicom_root", "nifti_manifest"):
+            raw["data"][key] = str(Path(cohort["sites"][i]).parent / raw["data"][key])
+        raw["data"]["reports"]["path"] = str(Path(cohort["sites"][i]).parent / raw["data"]["reports"]["path"])
+        path = tmp_path / f"pinned{i}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        pinned.append(path)
+    run_dir = tmp_path / "run"
+    with LocalFederation(tmp_path / "fed", pinned) as fed:
+        result = fed.run(REPO, run_config(cohort, run_dir, 1, recipe=str(preset_override(cohort, run_dir)),
+                                          **{"min-replies": 1}), timeout=600)
+        assert result.returncode == 0, (fed.logs / "run.log").read_text()[-3000:]
+    (record,) = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    participation = record["participation"]
+    assert participation["valid"] == 1 and not record["skipped"]
+    (error,) = participation["errors"]
+    assert f"refuses to run FAB {this_app}" in error["reason"] and "allowed_fab_hashes" in error["reason"]
