@@ -3,6 +3,7 @@
     fedvlp-site ingest --config site.yaml       # PACS export -> manifest + preprocessed cache
     fedvlp-site check  --config site.yaml       # validate config and cache, print a summary
     fedvlp-site synth  --out DIR --profile general --studies 20 --seed 0   # a synthetic PACS export
+    fedvlp-site fab-hash PROJECT_DIR                # the FAB hash of a reviewed app version, to pin it
 
 Exit status: 0 on success, 1 when the cache is unusable, 2 on a configuration error.
 """
@@ -105,6 +106,17 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_fab_hash(args) -> int:
+    from .fab_pinning import fab_hash_of_project
+
+    project = Path(args.project)
+    if not (project / "pyproject.toml").is_file():
+        print(f"configuration error: {project} is not a Flower app folder (no pyproject.toml)", file=sys.stderr)
+        return 2
+    print(fab_hash_of_project(project))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedvlp-site", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--studies", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("fab-hash", help="print the FAB hash `flwr run PROJECT` sends (for privacy.allowed_fab_hashes)")
+    p.add_argument("project", help="the app's folder (the one holding pyproject.toml)")
+    p.set_defaults(func=cmd_fab_hash)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -173,3 +173,11 @@ def test_allowed_fab_hashes_are_checked_in_the_site_yaml(tmp_path, site_yaml_wri
     (tmp_path / "reports.csv").write_text("AccessionNumber,ReportText\n")
     with pytest.raises(SiteConfigError, match="privacy.allowed_fab_hashes.*not a FAB hash"):
         load_site_config(site_yaml_writer(tmp_path, privacy={"allowed_fab_hashes": ["1.0.0"]}))
+
+
+def test_the_site_cli_prints_the_fab_hash(capsys, tmp_path):
+    from client.cli import main
+
+    assert main(["fab-hash", str(REPO)]) == 0
+    assert capsys.readouterr().out.strip() == fab_hash_of_project(REPO)
+    assert main(["fab-hash", str(tmp_path)]) == 2
