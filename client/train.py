@@ -122,6 +122,30 @@ def check_cache_matches(site_cfg: SiteConfig, model_cfg) -> None:
         )
 
 
+def _dp_round(model, site_cfg: SiteConfig, rc: RoundConfig, steps: StepSettings, device: torch.device):
+    """A round of sample-level DP-SGD (:mod:`client.dp_sgd`): (metrics, optimizer, optimizer resumed)."""
+    from shared_models.cohort import Collate
+    from shared_models.training import cohort_dataset
+
+    from .dp_sgd import SampleDPError, check_objectives, run_dp_steps, trainable_for
+
+    weights = check_objectives(rc.weights, site_cfg.source)
+    if rc.proximal_mu > 0:
+        raise SampleDPError(f"{site_cfg.source}: privacy.sample_dp does not combine with FedProx's proximal term; "
+                            "use strategy fedavg for this run.")
+    dataset = cohort_dataset([site_cfg.cache_dir], model.cfg, bool(set(weights) & {"report", "findings"}), steps.seed)
+    probe = Collate(model.cfg, seed=steps.seed)([dataset[i] for i in range(min(2, len(dataset)))])
+    trainable_for(model, probe, weights)
+    opt = make_optimizer(model, steps, device)
+    resumed = _load_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round - 1))
+    state_dir = Path(site_cfg.cache_dir) / "train_state" / rc.run_key
+    metrics = run_dp_steps(model, site_cfg.cache_dir, steps, opt, device, site_cfg.privacy, state_dir,
+                           rc.server_round, site_cfg.source)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return metrics, opt, resumed
+
+
 def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: RoundConfig) -> RoundResult:
     """Run one round of local training and return the updated arrays and whitelisted metrics."""
     device = pick_device(site_cfg.compute.device)
@@ -141,9 +165,12 @@ def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: 
         workers=site_cfg.compute.workers if device.type == "cuda" else 0,
         seed=derive_seed(rc.seed, rc.server_round, site_cfg.site_id, "data"),
     )
-    opt = make_optimizer(model, steps, device)
-    resumed = _load_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round - 1))
-    metrics = run_steps(model, [site_cfg.cache_dir], steps, opt, device, anchor)
+    if site_cfg.privacy.sample_dp:
+        metrics, opt, resumed = _dp_round(model, site_cfg, rc, steps, device)
+    else:
+        opt = make_optimizer(model, steps, device)
+        resumed = _load_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round - 1))
+        metrics = run_steps(model, [site_cfg.cache_dir], steps, opt, device, anchor)
     arrays = model_to_arrays(model)
     bad = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
     if bad:

@@ -10,6 +10,23 @@ from .config import MAEConfig
 from .vision import Block, sincos_position_3d
 
 
+class LearnedToken(nn.Module):
+    """A learned vector broadcast over the leading dimensions of a reference tensor.
+
+    A module of its own (not a bare ``nn.Parameter`` of a bigger module) so that opacus, which computes
+    per-sample gradients module by module, can give it one: ``forward(ref [B, n, *])`` returns
+    ``[B, n, width]``, a function of the sample's own ``ref`` shape only. Pass a ``ref`` that needs no
+    gradient (detach it): a backward hook on a module whose inputs need gradients waits for theirs.
+    """
+
+    def __init__(self, width: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width) * std)
+
+    def forward(self, ref: Tensor) -> Tensor:
+        return self.weight.expand(*ref.shape[:-1], self.weight.shape[0])
+
+
 class AttentionPool(nn.Module):
     """Multi-head attention pooling: one learned query attends over the valid tokens.
 
@@ -24,7 +41,7 @@ class AttentionPool(nn.Module):
         if width % heads:
             raise ValueError(f"pooling width {width} should be divisible by pool_heads {heads}.")
         self.heads = heads
-        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.query = LearnedToken(width)
         self.norm = nn.LayerNorm(width)
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
@@ -34,7 +51,7 @@ class AttentionPool(nn.Module):
         b, n, w = tokens.shape
         h = self.heads
         x = self.norm(tokens)
-        q = self.q(self.query.expand(b, 1, w)).reshape(b, 1, h, w // h).transpose(1, 2)  # [B, h, 1, w/h]
+        q = self.q(self.query(tokens[:, :1].detach())).reshape(b, 1, h, w // h).transpose(1, 2)  # [B, h, 1, w/h]
         k, v = self.kv(x).reshape(b, n, 2, h, w // h).permute(2, 0, 3, 1, 4)  # [B, h, N, w/h] each
         mask = None if valid is None else valid[:, None, None, :]
         pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, 1, w/h]
@@ -53,18 +70,17 @@ class MAEDecoder(nn.Module):
         super().__init__()
         self.width = cfg.decoder_width
         self.embed = nn.Linear(encoder_width, cfg.decoder_width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
+        self.mask_token = LearnedToken(cfg.decoder_width)
         self.blocks = nn.ModuleList(Block(cfg.decoder_width, cfg.decoder_heads) for _ in range(cfg.decoder_depth))
         self.norm = nn.LayerNorm(cfg.decoder_width)
         self.pred = nn.Linear(cfg.decoder_width, patch_numel)
-        nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, visible: Tensor, ids_restore: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """``visible [B, K, W_enc]`` -> predictions ``[B, N, patch_numel]`` for every patch (raster order)."""
         x = self.embed(visible)
         b, k, w = x.shape
         n = ids_restore.shape[1]
-        x = torch.cat([x, self.mask_token.expand(b, n - k, w)], dim=1)
+        x = torch.cat([x, self.mask_token(ids_restore[:, k:, None])], dim=1)
         x = torch.gather(x, 1, ids_restore[:, :, None].expand(b, n, w))  # unshuffle to raster order
         x = x + sincos_position_3d(grid, self.width, x.device).to(x.dtype)
         for block in self.blocks:

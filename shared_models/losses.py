@@ -95,20 +95,33 @@ def mae_loss(mae_prediction: Tensor, mae_target: Tensor, mae_mask: Tensor, norm_
     return (per_patch * mae_mask).sum() / mae_mask.sum().clamp(min=1.0)
 
 
-def report_generation_loss(report_logits: Tensor, report_labels: Tensor) -> Tensor:
-    """Teacher-forced next-token cross-entropy: logits at t predict label t+1; -100 labels are ignored."""
-    logits = report_logits[:, :-1].reshape(-1, report_logits.shape[-1])
-    labels = report_labels[:, 1:].reshape(-1)
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+def report_generation_loss(report_logits: Tensor, report_labels: Tensor, per_sample_mean: bool = False) -> Tensor:
+    """Teacher-forced next-token cross-entropy: logits at t predict label t+1; -100 labels are ignored.
+
+    Averaged over the batch's tokens, or with ``per_sample_mean`` over each report's tokens and then over
+    reports: a mean of per-sample terms, which sample-level DP-SGD needs (with the batch-wide token
+    count as divisor, one sample's length would scale every other sample's gradient).
+    """
+    logits = report_logits[:, :-1]
+    labels = report_labels[:, 1:]
+    if not per_sample_mean:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(dim=1).clamp(min=1)
+    return (per_token.sum(dim=1) / counts).mean()
 
 
-def findings_loss(findings_logits: Tensor, finding_labels: Tensor, finding_mask: Tensor | None = None) -> Tensor:
+def findings_loss(findings_logits: Tensor, finding_labels: Tensor, finding_mask: Tensor | None = None,
+                  per_sample_mean: bool = False) -> Tensor:
     """Multi-label BCE of the findings head ("More performant"), averaged over labelled entries.
 
-    ``finding_mask [B, F]`` (1 = use) lets a site leave out findings a report does not decide.
+    ``finding_mask [B, F]`` (1 = use) lets a site leave out findings a report does not decide. With
+    ``per_sample_mean`` each study's labelled entries are averaged first, then the studies (for DP-SGD).
     """
     per_entry = F.binary_cross_entropy_with_logits(findings_logits.float(), finding_labels.float(), reduction="none")
     if finding_mask is None:
         return per_entry.mean()
     mask = finding_mask.float()
+    if per_sample_mean:
+        return ((per_entry * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
     return (per_entry * mask).sum() / mask.sum().clamp(min=1.0)

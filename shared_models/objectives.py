@@ -39,11 +39,12 @@ def _mae(out: dict[str, Tensor], model) -> Tensor:
 
 
 def _report(out: dict[str, Tensor], model) -> Tensor:
-    return losses.report_generation_loss(out["report_logits"], out["report_labels"])
+    return losses.report_generation_loss(out["report_logits"], out["report_labels"], out.get("per_sample_mean", False))
 
 
 def _findings(out: dict[str, Tensor], model) -> Tensor:
-    return losses.findings_loss(out["findings_logits"], out["finding_labels"], out.get("finding_mask"))
+    return losses.findings_loss(out["findings_logits"], out["finding_labels"], out.get("finding_mask"),
+                                out.get("per_sample_mean", False))
 
 
 OBJECTIVE_TASKS: dict[str, Callable[[dict[str, Tensor], Any], Tensor]] = {
@@ -69,7 +70,8 @@ def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return checked
 
 
-def training_losses(model, batch: dict[str, Any], weights: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+def training_losses(model, batch: dict[str, Any], weights: Mapping[str, float] | None = None,
+                    per_sample_mean: bool = False) -> dict[str, Tensor]:
     """Losses of every objective with a non-zero weight, plus ``total`` (their weighted sum).
 
     Args:
@@ -77,6 +79,7 @@ def training_losses(model, batch: dict[str, Any], weights: Mapping[str, float] |
         batch: see the batch keys in :mod:`shared_models.model`. For OSL, ``osl_*`` keys may be left
             out when the batch has ``findings`` (a list of per-study ``{finding: present}`` dicts).
         weights: objective name -> weight; ``None`` uses the model config's ``objectives``.
+        per_sample_mean: normalize each decomposable loss per sample, then average the samples (DP-SGD).
     """
     active = {k: w for k, w in check_weights(model.cfg.objectives if weights is None else weights).items() if w > 0}
     if not active:
@@ -84,6 +87,7 @@ def training_losses(model, batch: dict[str, Any], weights: Mapping[str, float] |
     if "osl" in active and "osl_index" not in batch and "findings" in batch:
         batch = {**batch, **osl_inputs(batch["findings"])}
     out = model(batch, active)
+    out["per_sample_mean"] = per_sample_mean
     result = {name: OBJECTIVE_TASKS[name](out, model) for name in active}
     result["total"] = sum(active[name] * loss for name, loss in result.items())
     return result

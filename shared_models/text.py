@@ -128,9 +128,12 @@ class ReportDecoder(nn.Module):
 
     def forward(self, memory: Tensor, memory_valid: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Teacher-forced next-token logits ``[B, T, V]`` for reports ``input_ids [B, T]``."""
+        # batch-shaped position ids: opacus needs a per-sample input for the position embedding
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=positions,
             encoder_hidden_states=memory,
             encoder_attention_mask=memory_valid.long(),
             use_cache=False,
