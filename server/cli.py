@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.checkpoint).resolve().parents[2]
         history_path = run_dir / "history.jsonl"
         history = [json.loads(x) for x in history_path.read_text().splitlines()] if history_path.is_file() else []
-        report = write_html_report(result, Path(args.out) / "report.html", result.get("_roc"), history)
+        from .privacy import load_privacy_report, privacy_lines
+
+        privacy = load_privacy_report(run_dir)
+        report = write_html_report(result, Path(args.out) / "report.html", result.get("_roc"), history,
+                                   privacy=privacy_lines(privacy) if privacy else None)
         for key in ("zero_shot.macro_auroc", "zero_shot.macro_ci", "retrieval.report_to_volume.recall@5",
                     "generation.bleu4", "generation.clinical_f1", "probe.macro_auroc", "segmentation.mean_dice"):
             print(f"{key}: {result.get(key)}")

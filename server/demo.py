@@ -88,13 +88,16 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 8, studies: in
     from .evaluation.evaluate import evaluate_checkpoint
     from .evaluation.html_report import write_html_report
     from .evaluation.report import write_run_report
+    from .privacy import load_privacy_report, privacy_lines
 
     final = sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"
     evaluation = evaluate_checkpoint(final, central_yaml, out / "evaluation", n_boot=500, generate=16,
                                      masks=central_yaml.parent / "masks")
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    privacy = load_privacy_report(run_dir)
     html = write_html_report(evaluation, out / "evaluation" / "report.html", evaluation.get("_roc"), history,
-                             title="fedvlp demo: the global model on the held-out central cohort")
+                             title="fedvlp demo: the global model on the held-out central cohort",
+                             privacy=privacy_lines(privacy) if privacy else None)
     report = write_run_report(run_dir, out / "report.md", wall_seconds=time.time() - started,
                               evaluation=evaluation, html=html)
     log.info("demo finished in %.0f s; report: %s", time.time() - started, report)

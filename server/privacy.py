@@ -122,6 +122,30 @@ def site_dp_from_history(history: list[dict[str, Any]]) -> dict[str, dict[str, A
     return sites
 
 
+def load_privacy_report(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / PRIVACY_REPORT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def privacy_lines(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) rows of a privacy report, for the Markdown and HTML run reports."""
+    rows = [("mechanism", report["mechanism"])]
+    client = report.get("client_level")
+    if client:
+        rows += [("client-level epsilon spent", f"{client['epsilon_spent']:.4g} at delta {client['delta']:g} "
+                                                f"after {client['releases']} releases"),
+                 ("parameters", f"noise multiplier {client['noise_multiplier']}, clipping norm {client['clipping_norm']}, "
+                                f"{client['sites_per_round']} sites per round, max epsilon {client['max_epsilon']}")]
+    for node, site in sorted(report.get("sample_level_by_site", {}).items()):
+        rows.append((f"DP-SGD at node {node}", f"epsilon {site['epsilon']:.4g} at delta {site['delta']:g} "
+                                               f"(noise {site['noise_multiplier']}, clip {site['max_grad_norm']}, "
+                                               f"round {site['round']})"))
+    rows += [("covers", c) for c in report["covers"]] + [("does not cover", c) for c in report["does_not_cover"]]
+    if report.get("stopped"):
+        rows.append(("run stopped", report["stopped"]))
+    return rows
+
+
 def write_privacy_report(run_dir: str | Path, settings: RunSettings, history: list[dict[str, Any]],
                          stopped: str | None = None) -> dict[str, Any]:
     """Write ``privacy_report.json`` in the run folder: mechanism, parameters, spent budget, coverage."""

@@ -76,8 +76,10 @@ def rounds_figure(history: list[dict[str, Any]]) -> str | None:
 
 
 def write_html_report(metrics: dict[str, Any], out: str | Path, roc: dict | None = None,
-                      history: list[dict[str, Any]] | None = None, title: str = "fedvlp evaluation") -> Path:
-    """Write the HTML report; ``roc`` is ``{finding: (labels, scores)}``, ``history`` the run's rounds."""
+                      history: list[dict[str, Any]] | None = None, title: str = "fedvlp evaluation",
+                      privacy: list[tuple[str, str]] | None = None) -> Path:
+    """Write the HTML report; ``roc`` is ``{finding: (labels, scores)}``, ``history`` the run's rounds,
+    ``privacy`` the run's privacy report as (label, text) rows."""
     out = Path(out)
     headline = [k for k in ("zero_shot.macro_auroc", "findings_head.macro_auroc", "probe.macro_auroc",
                             "retrieval.report_to_volume.recall@5", "retrieval.volume_to_report.recall@5",
@@ -115,6 +117,10 @@ def write_html_report(metrics: dict[str, Any], out: str | Path, roc: dict | None
     if examples:
         parts.append("<h2>Generated reports</h2><table><tr><th>reference</th><th>generated</th></tr>")
         parts += [f"<tr><td>{html.escape(e['reference'])}</td><td>{html.escape(e['generated'])}</td></tr>" for e in examples]
+        parts.append("</table>")
+    if privacy:
+        parts.append("<h2>Privacy</h2><table>")
+        parts += [f"<tr><td>{html.escape(label)}</td><td>{html.escape(text)}</td></tr>" for label, text in privacy]
         parts.append("</table>")
     parts.append("<h2>All metrics</h2><pre>" + html.escape(json.dumps(
         {k: v for k, v in metrics.items() if not k.startswith("_")}, indent=1, sort_keys=True)) + "</pre>")

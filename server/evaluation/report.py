@@ -55,6 +55,11 @@ def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float |
                 lines.append(f"- {key}: {_fmt(evaluation[key])}{extra}")
         if html:
             lines.append(f"- full report with ROC curves and example reports: {html}")
+    from ..privacy import load_privacy_report, privacy_lines
+
+    privacy = load_privacy_report(run_dir)
+    if privacy:
+        lines += ["", "## Privacy", ""] + [f"- {label}: {text}" for label, text in privacy_lines(privacy)]
     traffic = history[-1]
     lines += ["", "Overhead: round wall time minus the slowest site's local training time (process start-up, "
               "model build, transfer of the weights, aggregation, checkpointing; not the central evaluation).", ""]

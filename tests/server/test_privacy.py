@@ -159,3 +159,28 @@ def test_dp_settings_are_checked():
     strategy = build_strategy(s)
     assert strategy.num_sampled_clients == 3 and strategy.min_replies == 3
     assert strategy.accountant.config.max_epsilon == 8.0
+
+
+def test_the_run_reports_carry_the_privacy_report(tmp_path, inprocess_grid, model_yaml_writer):
+    from server.evaluation.html_report import write_html_report
+    from server.evaluation.report import write_run_report
+    from server.privacy import load_privacy_report, privacy_lines
+
+    s = settings(model_yaml_writer(tmp_path / "m.yaml"), tmp_path / "run", rounds=2)
+    run_federation(inprocess_grid({101: shift(1e-4), 102: shift(1e-4)}), s)
+    report = load_privacy_report(s.run_dir)
+    epsilon = RunFolder(s.run_dir).history()[-1]["privacy"]["epsilon"]
+    assert report["client_level"]["epsilon_spent"] == epsilon and report["client_level"]["releases"] == 2
+    markdown = write_run_report(s.run_dir, tmp_path / "report.md").read_text()
+    assert "## Privacy" in markdown and f"{epsilon:.4g} at delta 1e-05 after 2 releases" in markdown
+    assert "does not cover" in markdown
+    page = write_html_report({"cohort.studies": 1}, tmp_path / "r.html", privacy=privacy_lines(report)).read_text()
+    assert "<h2>Privacy</h2>" in page and "server-side fixed clipping" in page
+
+
+def test_a_run_without_dp_says_it_has_no_formal_guarantee(tmp_path, inprocess_grid, model_yaml_writer):
+    s = settings(model_yaml_writer(tmp_path / "m.yaml"), tmp_path / "run", rounds=1, dp="none")
+    run_federation(inprocess_grid({101: shift(1e-4), 102: shift(1e-4)}), s)
+    report = json.loads((RunFolder(s.run_dir).root / PRIVACY_REPORT).read_text())
+    assert report["client_level"] is None and report["mechanism"].startswith("none")
+    assert "privacy" not in RunFolder(s.run_dir).history()[0]
