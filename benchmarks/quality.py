@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/quality.py --out runs/quality --rounds 6 --local-steps 40 --studies 40
     .venv/bin/python benchmarks/quality.py --out runs/quality --ablations osl mae multiview report
+    .venv/bin/python benchmarks/quality.py --out runs/quality --skip-central --dp 1.0,5.0 --dp 0.01,5.0
 
 On a synthetic cohort (3 non-IID sites, a held-out central cohort) it runs the recipe federated on a
 real local Flower federation (SuperLink + 3 SuperNodes), then the centralized baseline on the pooled
 caches with the same total optimizer steps, evaluates both final checkpoints on the central cohort,
 and prints both evaluations with the federated/centralized ratio of zero-shot macro AUROC. With
 ``--ablations``, it retrains the federation without each named objective and prints each metric's
-change. Results are appended to ``benchmarks/RESULTS.md`` with the command that produced them.
+change. With ``--dp NOISE,CLIP`` (repeatable) it also runs the federation under client-level DP
+(server-side fixed clipping, all sites every round) and prints the utility cost beside the epsilon
+spent. Results are appended to ``benchmarks/RESULTS.md`` with the command that produced them.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def main() -> None:
                         "(objectives not named keep the recipe's weight; name them =0 to drop them)")
     parser.add_argument("--ablations", nargs="*", default=[], choices=["osl", "mae", "multiview", "report", "findings"])
     parser.add_argument("--skip-central", action="store_true")
+    parser.add_argument("--dp", action="append", default=[], metavar="NOISE,CLIP",
+                        help="also run with client-level DP at this noise multiplier and clipping norm")
+    parser.add_argument("--skip-federated", action="store_true",
+                        help="reuse the federated run already in --out (eval_federated/metrics.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
@@ -78,7 +85,10 @@ def main() -> None:
     for item in filter(None, args.weights.split(",")):
         name, value = item.split("=")
         config[f"weight-{name.strip()}"] = float(value)
-    results = {"federated": federated(out, sites, central, "federated", config)}
+    if args.skip_federated:
+        results = {"federated": json.loads((out / "eval_federated" / "metrics.json").read_text())}
+    else:
+        results = {"federated": federated(out, sites, central, "federated", config)}
     if not args.skip_central:
         settings = settings_from_run_config({**config, "run-dir": str(out / "centralized"),
                                              "eval-cohort": str(central)})
@@ -88,6 +98,14 @@ def main() -> None:
     for objective in args.ablations:
         results[f"without {objective}"] = federated(out, sites, central, f"no_{objective}",
                                                     {**config, f"weight-{objective}": 0.0})
+    epsilons = {}
+    for item in args.dp:
+        noise, clip = (float(x) for x in item.split(","))
+        name = f"dp noise {noise:g} clip {clip:g}"
+        tag = f"dp_{noise:g}_{clip:g}"
+        results[name] = federated(out, sites, central, tag, {**config, "dp": "server", "dp-noise-multiplier": noise,
+                                                             "dp-clipping-norm": clip, "dp-sites-per-round": 3})
+        epsilons[name] = json.loads((out / tag / "privacy_report.json").read_text())["client_level"]
     minutes = (time.time() - started) / 60
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lines = [f"## Quality: {args.recipe} recipe, {args.rounds} rounds x {args.local_steps} local steps, "
@@ -108,6 +126,11 @@ def main() -> None:
             deltas = ", ".join(f"{k} {metrics[k] - fed[k]:+.3f}" for k in KEYS
                                if isinstance(metrics.get(k), float) and isinstance(fed.get(k), float))
             lines.append(f"{name}: change vs federated with all objectives: {deltas}.")
+    for name, spent in epsilons.items():
+        lines.append(f"{name}: client-level epsilon {spent['epsilon_spent']:.4g} at delta {spent['delta']:g} after "
+                     f"{spent['releases']} releases; zero-shot macro AUROC "
+                     f"{fmt(results[name].get('zero_shot.macro_auroc'))} vs {fmt(fed.get('zero_shot.macro_auroc'))} "
+                     f"without DP.")
     text = "\n".join(lines) + "\n"
     print(text)
     (out / "quality.json").write_text(json.dumps({k: {m: v.get(m) for m in KEYS} for k, v in results.items()}, indent=2))
