@@ -43,6 +43,7 @@ def write_site_yaml(folder: Path, site_id: str, preset: str, threads: int) -> Pa
         "cache_dir": "cache",
         "data": {"dicom_root": "dicom", "nifti_manifest": "nifti_manifest.csv", "reports": {"path": "reports.csv"}},
         "compute": {"device": "auto", "batch_size": 4, "workers": 0, "threads": threads},
+        "privacy": {"egress_log": "egress.jsonl"},  # every reply that leaves the site, for an audit
     }
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
