@@ -26,7 +26,16 @@ Schema (every key optional unless marked; relative paths are relative to the YAM
         api_key_env: null               # name of an environment variable holding the endpoint's key
         timeout_s: 30
     preprocess: {}                      # overrides of the model's preprocessing (spacing, size, ...)
-    compute: {device: auto, batch_size: 4, workers: 2, amp: true, grad_accum: 1, threads: null}
+    compute:
+      device: auto                      # auto | cpu | cuda | cuda:N
+      batch_size: 4                     # volumes per step on each GPU (process)
+      workers: 2                        # DataLoader worker processes per GPU (used on GPU only)
+      amp: true                         # bf16 autocast on GPU
+      grad_accum: 1
+      threads: null                     # torch CPU threads; null = torch's default
+      processes: 1                      # > 1: one process per GPU with torch.distributed (DDP), e.g. 4
+      compile: false                    # torch.compile the vision encoder (GPU; first step compiles)
+      channels_last: false              # channels-last-3d memory format (helps the ResNet encoders on GPU)
     privacy:
       sample_dp: false                  # DP-SGD (opacus) on this site's data: MAE, report and findings only
       noise_multiplier: 1.0             #   DP-SGD noise (std = noise_multiplier * max_grad_norm per batch)
@@ -35,7 +44,9 @@ Schema (every key optional unless marked; relative paths are relative to the YAM
       max_epsilon: 0                    #   > 0: refuse to train a round once this epsilon is spent
       allowed_fab_hashes: []            # app versions this site runs (fedvlp-site fab-hash PROJECT)
       egress_log: null                  # a JSONL file recording every reply that leaves the site
-    metrics: {port: null}
+    metrics:
+      port: null                        # fedvlp-site metrics serves Prometheus metrics here (e.g. 9101)
+      address: 0.0.0.0
 
 Unknown keys, wrong types and missing paths are errors that name the key and the file.
 """
@@ -95,6 +106,9 @@ class ComputeConfig:
     amp: bool = True
     grad_accum: int = 1
     threads: int | None = None  # torch CPU threads; None = torch's default
+    processes: int = 1  # > 1: DDP over this many processes (one per GPU; gloo on CPU)
+    compile: bool = False  # torch.compile the vision encoder
+    channels_last: bool = False  # channels_last_3d memory format for volumes and conv weights
 
 
 @dataclass
@@ -110,7 +124,8 @@ class PrivacyConfig:
 
 @dataclass
 class MetricsConfig:
-    port: int | None = None
+    port: int | None = None  # where `fedvlp-site metrics` serves the site's Prometheus metrics
+    address: str = "0.0.0.0"
 
 
 @dataclass
@@ -222,6 +237,10 @@ def _validate(cfg: SiteConfig, path: Path) -> None:
         fail("data.labeler", "kind 'llm' needs endpoint (an OpenAI-compatible URL inside the hospital) and model.")
     if cfg.compute.batch_size < 1 or cfg.compute.grad_accum < 1 or cfg.compute.workers < 0:
         fail("compute", "batch_size and grad_accum should be >= 1 and workers >= 0.")
+    if cfg.compute.processes < 1:
+        fail("compute.processes", f"should be >= 1 (one process per GPU), got {cfg.compute.processes}.")
+    if cfg.metrics.port is not None and not 0 < cfg.metrics.port < 65536:
+        fail("metrics.port", f"should be a TCP port (1-65535) or null, got {cfg.metrics.port}.")
     priv = cfg.privacy
     bad = [h for h in priv.allowed_fab_hashes if not re.fullmatch(r"[0-9a-fA-F]{64}", str(h))]
     if bad:

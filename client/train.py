@@ -27,6 +27,7 @@ from shared_models import build_model, load_arrays, model_to_arrays
 from shared_models.objectives import check_weights
 from shared_models.training import StepSettings, derive_seed, make_optimizer, run_steps
 
+from .metrics import RoundProgress
 from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -146,17 +147,41 @@ def _dp_round(model, site_cfg: SiteConfig, rc: RoundConfig, steps: StepSettings,
     return metrics, opt, resumed
 
 
-def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: RoundConfig) -> RoundResult:
-    """Run one round of local training and return the updated arrays and whitelisted metrics."""
-    device = pick_device(site_cfg.compute.device)
+def apply_compute_options(model, site_cfg: SiteConfig, device: torch.device):
+    """The site's GPU options: channels-last-3d conv weights, ``torch.compile`` of the vision encoder."""
+    compute = site_cfg.compute
+    if compute.channels_last:
+        model.to(memory_format=torch.channels_last_3d)  # only 5-D tensors (Conv3d kernels) change layout
+    if compute.compile:
+        # in place (Module.compile): the state-dict keys stay those of the bare model
+        vision = model.vision
+        for block in getattr(vision, "blocks", None) or [vision]:
+            block.compile()
+    return model
+
+
+def local_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: RoundConfig,
+                device: torch.device | None = None) -> RoundResult:
+    """One round of local training in this process, or as one rank of the site's DDP group.
+
+    Under torch.distributed every rank trains its share and ends with the same weights; rank 0 alone
+    keeps the optimizer state and writes the metrics snapshot.
+    """
+    from shared_models import distributed
+
+    device = device or pick_device(site_cfg.compute.device)
     if site_cfg.compute.threads:
         torch.set_num_threads(site_cfg.compute.threads)
-    torch.manual_seed(derive_seed(rc.seed, rc.server_round, site_cfg.site_id, "torch"))
+    me = distributed.rank()
+    torch.manual_seed(derive_seed(rc.seed, rc.server_round, site_cfg.site_id, "torch", me))
     model_cfg = site_cfg.model_config(preset=rc.preset).replace(objectives=rc.weights)
     check_cache_matches(site_cfg, model_cfg)
     model = build_model(model_cfg)
     load_arrays(model, global_arrays)
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast (the losses) use TF32
+        torch.backends.cudnn.allow_tf32 = True
     anchor = [p.detach().clone() for p in model.parameters()] if rc.proximal_mu > 0 else None
     steps = StepSettings(
         steps=rc.local_steps, lr=rc.lr, weights=rc.weights, batch_size=site_cfg.compute.batch_size,
@@ -164,19 +189,51 @@ def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: 
         weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm, amp=site_cfg.compute.amp,
         workers=site_cfg.compute.workers if device.type == "cuda" else 0,
         seed=derive_seed(rc.seed, rc.server_round, site_cfg.site_id, "data"),
+        channels_last=site_cfg.compute.channels_last,
     )
+    progress = RoundProgress(site_cfg.cache_dir, rc.server_round, rc.local_steps) if me == 0 else None
     if site_cfg.privacy.sample_dp:
         metrics, opt, resumed = _dp_round(model, site_cfg, rc, steps, device)
     else:
         opt = make_optimizer(model, steps, device)
         resumed = _load_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round - 1))
-        metrics = run_steps(model, [site_cfg.cache_dir], steps, opt, device, anchor)
+        apply_compute_options(model, site_cfg, device)
+        trained = model
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            # objectives alternate (MAE batches leave the text side unused): let DDP find unused parameters
+            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=True)
+        metrics = run_steps(trained, [site_cfg.cache_dir], steps, opt, device, anchor,
+                            progress=progress.step if progress else None)
     arrays = model_to_arrays(model)
     bad = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
     if bad:
         raise NonFiniteUpdate(f"local training produced non-finite weights in {len(bad)} arrays (e.g. {bad[0]}); "
                               "nothing was sent. Lower the learning rate or check the site's data with fedvlp-site check.")
-    _save_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round))
+    if me == 0:
+        _save_optimizer_state(opt, _state_file(site_cfg, rc, rc.server_round))
     metrics["optimizer-resumed"] = float(resumed)
+    if progress is not None:
+        progress.finish(metrics)
+    metrics.pop("gpu-memory-peak-bytes", None)  # for the site's own metrics only: not sent
     num_examples = 1 if rc.uniform_weights else int(metrics["volumes"])
     return RoundResult(arrays=arrays, num_examples=num_examples, metrics=metrics)
+
+
+def train_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: RoundConfig) -> RoundResult:
+    """Run one round of local training and return the updated arrays and whitelisted metrics.
+
+    With ``compute.processes > 1`` the round runs as that many processes, one per GPU
+    (:mod:`client.ddp`), and rank 0's weights are returned.
+    """
+    try:
+        if site_cfg.compute.processes > 1:
+            from .ddp import train_round_ddp
+
+            return train_round_ddp(site_cfg, global_arrays, rc)
+        return local_round(site_cfg, global_arrays, rc)
+    except BaseException:
+        RoundProgress.mark_failed(site_cfg.cache_dir, rc.server_round)
+        raise

@@ -9,6 +9,7 @@ Batch keys (what a site's data pipeline provides; each objective needs only some
     osl_positive   list[str] K true sentences; ``osl_negative`` list[str] K opposites
     views          [B, M, 1, d, h, w], optional: local crops (default: random crops of ``volume``)
     finding_labels [B, F] 0/1 in vocabulary order; ``finding_mask`` [B, F] optional (1 = labelled)
+    mae_noise      [N, L], optional: MAE masking noise per scan (N real scans, L tokens); drawn if absent
 """
 
 from __future__ import annotations
@@ -204,7 +205,9 @@ class FoundationModel(nn.Module):
         if self.cfg.vision.kind != "vit":
             raise ValueError("the 'mae' objective needs vision.kind 'vit'; this model uses a ResNet encoder.")
         scans = self._single_scans(batch)
-        vis = self.vision(scans, mask_ratio=self.cfg.mae.mask_ratio)
+        noise = batch.get("mae_noise")
+        vis = self.vision(scans, mask_ratio=self.cfg.mae.mask_ratio,
+                          mask_noise=None if noise is None else noise.to(self.device))
         prediction = self.mae_decoder(vis.tokens, vis.ids_restore, vis.grid)
         return {
             "mae_prediction": prediction,

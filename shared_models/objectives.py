@@ -13,38 +13,55 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import losses
+from . import distributed, losses
 from .config import OBJECTIVES
 from .reports import opposite_sentence_pairs
+from .state import unwrap_model
 
 
 def _clip(out: dict[str, Tensor], model) -> Tensor:
+    # batch-coupled: every rank computes the loss over the global batch (see shared_models.distributed)
+    volumes = distributed.gather_with_grad(out["volume_embeddings"])
+    texts = distributed.gather_with_grad(out["text_embeddings"])
     if model.cfg.clip_loss == "sigmoid":
-        return losses.siglip_loss(out["volume_embeddings"], out["text_embeddings"], out["logit_scale"], out["logit_bias"])
-    return losses.clip_loss(out["volume_embeddings"], out["text_embeddings"], out["logit_scale"])
+        return losses.siglip_loss(volumes, texts, out["logit_scale"], out["logit_bias"])
+    return losses.clip_loss(volumes, texts, out["logit_scale"])
 
 
 def _osl(out: dict[str, Tensor], model) -> Tensor:
-    return losses.opposite_sentence_loss(
+    loss = losses.opposite_sentence_loss(
         out["osl_volume_embeddings"], out["osl_positive_embeddings"], out["osl_negative_embeddings"], out["logit_scale"]
     )
+    return distributed.rescale_mean(loss, out["osl_volume_embeddings"].shape[0])
 
 
 def _multiview(out: dict[str, Tensor], model) -> Tensor:
-    return losses.multiview_loss(out["view_embeddings"], out["view_prototypes"], out["logit_scale"])
+    views = out["view_embeddings"]
+    prototypes = distributed.gather_local_first(out["view_prototypes"])  # this rank's volumes first
+    loss = losses.multiview_loss(views, prototypes, out["logit_scale"])
+    return distributed.rescale_mean(loss, views.shape[0] * views.shape[1])
 
 
 def _mae(out: dict[str, Tensor], model) -> Tensor:
-    return losses.mae_loss(out["mae_prediction"], out["mae_target"], out["mae_mask"], model.cfg.mae.norm_pix_loss)
+    loss = losses.mae_loss(out["mae_prediction"], out["mae_target"], out["mae_mask"], model.cfg.mae.norm_pix_loss)
+    return distributed.rescale_mean(loss, out["mae_mask"].sum().clamp(min=1.0).detach())
 
 
 def _report(out: dict[str, Tensor], model) -> Tensor:
-    return losses.report_generation_loss(out["report_logits"], out["report_labels"], out.get("per_sample_mean", False))
+    per_sample = out.get("per_sample_mean", False)
+    labels = out["report_labels"]
+    loss = losses.report_generation_loss(out["report_logits"], labels, per_sample)
+    return distributed.rescale_mean(loss, labels.shape[0] if per_sample else (labels[:, 1:] != -100).sum().detach())
 
 
 def _findings(out: dict[str, Tensor], model) -> Tensor:
-    return losses.findings_loss(out["findings_logits"], out["finding_labels"], out.get("finding_mask"),
-                                out.get("per_sample_mean", False))
+    per_sample, mask = out.get("per_sample_mean", False), out.get("finding_mask")
+    loss = losses.findings_loss(out["findings_logits"], out["finding_labels"], mask, per_sample)
+    if per_sample or mask is None:
+        count = out["finding_labels"].shape[0] if per_sample else out["finding_labels"].numel()
+    else:
+        count = mask.float().sum().clamp(min=1.0)
+    return distributed.rescale_mean(loss, count)
 
 
 OBJECTIVE_TASKS: dict[str, Callable[[dict[str, Tensor], Any], Tensor]] = {
@@ -74,21 +91,25 @@ def training_losses(model, batch: dict[str, Any], weights: Mapping[str, float] |
                     per_sample_mean: bool = False) -> dict[str, Tensor]:
     """Losses of every objective with a non-zero weight, plus ``total`` (their weighted sum).
 
+    Under torch.distributed (a site's GPUs in DDP) the losses are those of the global batch; see
+    :mod:`shared_models.distributed`.
+
     Args:
-        model: a :class:`~shared_models.model.FoundationModel`.
+        model: a :class:`~shared_models.model.FoundationModel`, possibly wrapped (DDP, opacus).
         batch: see the batch keys in :mod:`shared_models.model`. For OSL, ``osl_*`` keys may be left
             out when the batch has ``findings`` (a list of per-study ``{finding: present}`` dicts).
         weights: objective name -> weight; ``None`` uses the model config's ``objectives``.
         per_sample_mean: normalize each decomposable loss per sample, then average the samples (DP-SGD).
     """
-    active = {k: w for k, w in check_weights(model.cfg.objectives if weights is None else weights).items() if w > 0}
+    core = unwrap_model(model)  # DDP, opacus and compile wrappers forward; the config lives on the bare model
+    active = {k: w for k, w in check_weights(core.cfg.objectives if weights is None else weights).items() if w > 0}
     if not active:
         raise ValueError("no objective has a non-zero weight; nothing to train.")
     if "osl" in active and "osl_index" not in batch and "findings" in batch:
         batch = {**batch, **osl_inputs(batch["findings"])}
     out = model(batch, active)
     out["per_sample_mean"] = per_sample_mean
-    result = {name: OBJECTIVE_TASKS[name](out, model) for name in active}
+    result = {name: OBJECTIVE_TASKS[name](out, core) for name in active}
     result["total"] = sum(active[name] * loss for name, loss in result.items())
     return result
 

@@ -167,6 +167,7 @@ class ViT3D(nn.Module):
         scan_mask: Tensor | None = None,
         mask_ratio: float = 0.0,
         generator: torch.Generator | None = None,
+        mask_noise: Tensor | None = None,
     ) -> VisionOutput:
         x, scan_mask = as_study(x, scan_mask)
         b, s = x.shape[:2]
@@ -177,7 +178,7 @@ class ViT3D(nn.Module):
         if mask_ratio != 0.0:
             if not 0.0 < mask_ratio < 1.0:
                 raise ValueError(f"mask_ratio should be in (0, 1), got {mask_ratio}.")
-            tokens, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
+            tokens, mask, ids_restore = random_masking(tokens, mask_ratio, generator, mask_noise)
         n = tokens.shape[1]
         tokens = tokens.reshape(b, s, n, self.width)
         for block, level in zip(self.blocks, self.levels):
@@ -210,15 +211,20 @@ class ViT3D(nn.Module):
 
 
 def random_masking(
-    tokens: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    tokens: Tensor, mask_ratio: float, generator: torch.Generator | None = None, noise: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """MAE's per-sample random masking: keep ``round(N * (1 - ratio))`` tokens of each row.
 
+    The tokens with the lowest ``noise [B, N]`` are kept (drawn uniformly unless given: a batch may
+    carry its samples' noise so that masks do not depend on how samples are split into batches).
     Returns kept tokens ``[B, K, W]``, the mask ``[B, N]`` (1 = masked) and ``ids_restore`` ``[B, N]``.
     """
     b, n, w = tokens.shape
     keep = max(1, int(round(n * (1.0 - mask_ratio))))
-    noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device)
+    if noise is None:
+        noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device)
+    elif tuple(noise.shape) != (b, n):
+        raise ValueError(f"mask noise should have shape {(b, n)} (scans, tokens), got {tuple(noise.shape)}.")
     ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
@@ -258,7 +264,7 @@ class ResNet3DEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
 
     def forward(self, x: Tensor, scan_mask: Tensor | None = None, mask_ratio: float = 0.0,
-                generator: torch.Generator | None = None) -> VisionOutput:
+                generator: torch.Generator | None = None, mask_noise: Tensor | None = None) -> VisionOutput:
         if mask_ratio != 0.0:
             raise ValueError("MAE masking needs vision.kind 'vit'; the ResNet encoder has no tokens to mask.")
         x, scan_mask = as_study(x, scan_mask)

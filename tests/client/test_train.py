@@ -82,3 +82,36 @@ def test_a_cache_preprocessed_for_another_model_is_named(trained_site):
     cfg, _, start = trained_site
     with pytest.raises(ValueError, match="preprocessed for other settings .* re-run fedvlp-site ingest"):
         train_round(cfg, start, config("colipri"))
+
+
+def test_a_site_with_two_processes_trains_the_round_as_one_ddp_job(trained_site):
+    from client.metrics import read_snapshot
+
+    cfg, preset, start = trained_site
+    cfg.compute.processes, cfg.compute.threads = 2, 1
+    result = train_round(cfg, start, config(preset, local_steps=2))
+    assert set(result.arrays) == set(start) and update_norm(result.arrays, start) > 0
+    assert all(result.arrays[k].dtype == start[k].dtype for k in start)
+    # 3 studies shared by 2 ranks: 1 study per rank and step, 2 steps; volumes count every rank's
+    assert result.num_examples == 2 * 2 and result.metrics["volumes"] == 4.0
+    assert {"loss.clip", "loss.mae", "train-loss"} <= set(result.metrics)
+    assert "gpu-memory-peak-bytes" not in result.metrics  # kept at the site
+    state = cfg.cache_path / "train_state" / "test"
+    assert (state / "optimizer_round0001.pt").is_file() and (state / "ddp_round_0001.log").is_file()
+    assert not (state / "ddp_round_0001").exists()  # the exchange folder (weights) is removed
+    snapshot = read_snapshot(cfg.cache_dir)
+    assert snapshot["training"] == 0 and snapshot["totals"]["rounds_completed"] == 1
+    assert snapshot["totals"]["volumes"] == 4.0
+
+
+def test_a_failed_multi_process_round_names_its_log_and_is_counted(trained_site):
+    from client.ddp import DistributedRoundError
+    from client.metrics import read_snapshot
+
+    cfg, preset, start = trained_site
+    cfg.compute.processes, cfg.compute.threads = 2, 1
+    broken = dict(start)
+    broken.pop(sorted(broken)[0])  # rank 0 cannot load the global model
+    with pytest.raises(DistributedRoundError, match="ddp_round_0001.log"):
+        train_round(cfg, broken, config(preset, local_steps=1))
+    assert read_snapshot(cfg.cache_dir)["totals"]["rounds_failed"] == 1
