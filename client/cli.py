@@ -4,6 +4,7 @@
     fedvlp-site check  --config site.yaml       # validate config and cache, print a summary
     fedvlp-site synth  --out DIR --profile general --studies 20 --seed 0   # a synthetic PACS export
     fedvlp-site fab-hash PROJECT_DIR                # the FAB hash of a reviewed app version, to pin it
+    fedvlp-site metrics --config site.yaml      # serve the site's Prometheus metrics (metrics.port)
 
 Exit status: 0 on success, 1 when the cache is unusable, 2 on a configuration error.
 """
@@ -117,6 +118,30 @@ def cmd_fab_hash(args) -> int:
     return 0
 
 
+def cmd_metrics(args) -> int:
+    import signal
+    import threading
+
+    from .metrics import serve
+
+    cfg = load_site_config(args.config, require_data=False)  # reads the cache only
+    port = args.port or cfg.metrics.port
+    if not port:
+        raise SiteConfigError(f"{cfg.source}: metrics.port: set a port for the site's metrics (e.g. 9101), "
+                              "or pass --port.")
+    server, _ = serve(cfg.cache_dir, port, args.address or cfg.metrics.address)
+    print(f"site {cfg.site_id}: Prometheus metrics on http://{args.address or cfg.metrics.address}:{port}/metrics "
+          f"(from {cfg.cache_dir}); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedvlp-site", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("fab-hash", help="print the FAB hash `flwr run PROJECT` sends (for privacy.allowed_fab_hashes)")
     p.add_argument("project", help="the app's folder (the one holding pyproject.toml)")
     p.set_defaults(func=cmd_fab_hash)
+    p = sub.add_parser("metrics", help="serve this site's Prometheus metrics (training progress, ingest counts)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--port", type=int, default=None, help="default: metrics.port in the site YAML")
+    p.add_argument("--address", default=None, help="default: metrics.address in the site YAML (0.0.0.0)")
+    p.set_defaults(func=cmd_metrics)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -159,8 +159,12 @@ class SiteConfig:
         return self.model_config().preprocess
 
 
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Load and validate a site YAML; relative paths become absolute (relative to the YAML's folder)."""
+def load_site_config(path: str | Path, require_data: bool = True) -> SiteConfig:
+    """Load and validate a site YAML; relative paths become absolute (relative to the YAML's folder).
+
+    ``require_data=False`` skips the checks that the PACS and report exports exist, for tools that read
+    only the cache (the metrics exporter runs beside the SuperNode without the exports mounted).
+    """
     path = Path(path).expanduser().resolve()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -177,7 +181,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise SiteConfigError(str(err)) from None
     cfg.source = str(path)
     _resolve_paths(cfg, path.parent)
-    _validate(cfg, path)
+    _validate(cfg, path, require_data)
     return cfg
 
 
@@ -196,7 +200,7 @@ def _resolve_paths(cfg: SiteConfig, base: Path) -> None:
         cfg.data.reports.path = absolute(cfg.data.reports.path) or ""
 
 
-def _validate(cfg: SiteConfig, path: Path) -> None:
+def _validate(cfg: SiteConfig, path: Path, require_data: bool = True) -> None:
     def fail(key: str, problem: str) -> None:
         raise SiteConfigError(f"{path}: {key}: {problem}")
 
@@ -207,15 +211,15 @@ def _validate(cfg: SiteConfig, path: Path) -> None:
     data = cfg.data
     if not data.dicom_root and not data.nifti_manifest:
         fail("data", "set data.dicom_root (a DICOM folder tree) and/or data.nifti_manifest (a CSV of NIfTI files).")
-    if data.dicom_root and not Path(data.dicom_root).is_dir():
+    if data.dicom_root and require_data and not Path(data.dicom_root).is_dir():
         fail("data.dicom_root", f"folder {data.dicom_root} does not exist.")
-    if data.nifti_manifest and not Path(data.nifti_manifest).is_file():
+    if data.nifti_manifest and require_data and not Path(data.nifti_manifest).is_file():
         fail("data.nifti_manifest", f"file {data.nifti_manifest} does not exist.")
     if data.reports is not None:
         r = data.reports
         if not r.path:
             fail("data.reports.path", "is required when data.reports is given.")
-        if not Path(r.path).is_file():
+        if require_data and not Path(r.path).is_file():
             fail("data.reports.path", f"file {r.path} does not exist.")
         if r.format not in ("auto", "csv", "jsonl"):
             fail("data.reports.format", f"should be auto, csv or jsonl, got {r.format!r}.")

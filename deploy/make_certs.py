@@ -4,7 +4,7 @@
 
 Writes certs/ca.crt (give it to every site), certs/ca.key (keep it offline), certs/superlink.crt and
 certs/superlink.key (for flower-superlink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile). See
-deploy/OPERATOR.md.
+deploy/OPERATORS.md.
 """
 
 import argparse

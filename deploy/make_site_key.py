@@ -4,7 +4,7 @@
 
 Keep keys/hospital-a.key at the site (flower-supernode --auth-supernode-private-key); send
 keys/hospital-a.pub to the federation operator, who admits it with
-``flwr supernode register keys/hospital-a.pub CONNECTION``. See deploy/OPERATOR.md.
+``flwr supernode register keys/hospital-a.pub CONNECTION``. See deploy/OPERATORS.md.
 """
 
 import argparse

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from shared_models import build_model, load_model_config, model_to_arrays
 
 from .checkpoint import RunFolder, load_arrays_file, restore_random_state
+from .metrics import ServerMetrics
 from .privacy import PrivacyBudgetExhausted, privacy_state, write_privacy_report
 from .settings import RunSettings
 from .strategy import build_strategy
@@ -77,8 +78,23 @@ def _warn_on_schedule_change(saved: dict[str, Any], settings: RunSettings) -> No
                     "schedule of the remaining rounds follows the new settings", changed)
 
 
-def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None = None) -> dict[str, Any]:
-    """Run (or resume) the federation described by ``settings``; returns a summary."""
+def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None = None,
+                   metrics: ServerMetrics | None = None) -> dict[str, Any]:
+    """Run (or resume) the federation described by ``settings``; returns a summary.
+
+    ``metrics`` (default: a fresh :class:`ServerMetrics`, served on ``settings.metrics_port`` when set)
+    follows every round.
+    """
+    metrics = metrics or ServerMetrics()
+    if settings.metrics_port:
+        metrics.start(settings.metrics_port, settings.metrics_address)
+    try:
+        return _run_rounds(grid, settings, evaluate, metrics)
+    finally:
+        metrics.stop()
+
+
+def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, metrics: ServerMetrics) -> dict[str, Any]:
     folder = RunFolder(settings.run_dir, keep=settings.keep_checkpoints)
     strategy = build_strategy(settings)
     latest = folder.latest()
@@ -101,8 +117,11 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
         folder.save(0, arrays, {}, {"settings": settings.to_dict(), "run_key": run_key,
                                     "accountant": strategy.accountant_state()})
     summary = {"rounds_completed": start - 1, "rounds_skipped": 0, "run_dir": str(folder.root), "stopped": None}
+    metrics.run_started(settings)
+    metrics.round.set(start - 1)
     for server_round in range(start, settings.rounds + 1):
         started = time.time()
+        metrics.round_started(server_round)
         config = round_config(settings, server_round, run_key)
         try:
             messages = strategy.configure_train(server_round, to_record(arrays), config, grid)
@@ -111,16 +130,19 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
             log.warning("run stopped: %s; the final checkpoint is round %d's", summary["stopped"], server_round - 1)
             break
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-        bytes_in = sum(sum(a.numpy().nbytes for a in r.content.array_records["arrays"].values())
+        bytes_in = sum(sum(len(a.data) for a in r.content.array_records["arrays"].values())
                        for r in replies if not r.has_error() and "arrays" in r.content.array_records)
-        aggregated, metrics = strategy.aggregate_train(server_round, replies)
+        aggregation_started = time.time()
+        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+        del replies  # the sites' arrays: only the aggregate is kept
         skipped = aggregated is None
         if not skipped:  # keep each array's dtype (FedAdam's update would make float64)
             arrays = {k: v.numpy().astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}
         record: dict[str, Any] = {
             "round": server_round, "lr": config["lr"], "skipped": skipped,
-            "participation": strategy.participation, "train": dict(metrics) if metrics else {},
+            "participation": strategy.participation, "train": dict(train_metrics) if train_metrics else {},
             "bytes_received": bytes_in, "bytes_sent_per_site": sum(a.nbytes for a in arrays.values()),
+            "aggregation_seconds": round(time.time() - aggregation_started, 3),
         }
         if (spent := privacy_state(strategy)) is not None:
             record["privacy"] = spent
@@ -135,6 +157,7 @@ def run_federation(grid: Grid, settings: RunSettings, evaluate: Evaluator | None
                 record["wall_seconds"] - record.get("evaluation_seconds", 0.0) - max(site_seconds), 3)
         # history first: a stop in between re-runs this round, and resume drops lines past the checkpoint
         folder.append_history(record)
+        metrics.observe_round(record)
         folder.save(server_round, arrays, strategy.state_arrays(),
                     {"settings": settings.to_dict(), "run_key": run_key, "accountant": strategy.accountant_state()})
         write_privacy_report(folder.root, settings, folder.history())

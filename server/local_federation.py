@@ -103,6 +103,7 @@ class LocalFederation:
         self.superlink: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen | None] = [None] * len(self.site_configs)
         self.node_ports = [0] * len(self.site_configs)
+        self.exporters: list[subprocess.Popen] = []
         bin_dir = str(Path(sys.executable).parent)
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -172,6 +173,15 @@ class LocalFederation:
             "--node-config", f'site-config="{self.site_configs[i]}"',
         ])
 
+    def start_site_exporter(self, i: int, port: int | None = None) -> int:
+        """Start site ``i``'s metrics exporter (``fedvlp-site metrics``) on loopback; returns its port."""
+        port = port or free_port()
+        self.exporters.append(self._spawn(f"site_metrics_{i}", [
+            sys.executable, "-m", "client.cli", "metrics", "--config", self.site_configs[i], "--port", str(port),
+            "--address", "127.0.0.1"]))
+        wait_for_port(port, process=self.exporters[-1])
+        return port
+
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Stop site ``i``'s SuperNode and its ClientApp processes (SIGKILL: as if the machine died)."""
         process = self.nodes[i]
@@ -198,7 +208,7 @@ class LocalFederation:
     def stop(self) -> None:
         """Stop every process group started here, also those whose leader already died (their children,
         e.g. the ServerApp of a killed SuperLink, are in the same group)."""
-        started = [p for p in [*self.nodes, self.superlink] if p is not None]
+        started = [p for p in [*self.nodes, self.superlink, *self.exporters] if p is not None]
         for process in started:
             _signal_group(process, signal.SIGTERM)
         deadline = time.time() + 15
@@ -216,6 +226,7 @@ class LocalFederation:
                 pass
         self.nodes = [None] * len(self.site_configs)
         self.superlink = None
+        self.exporters = []
 
     def addresses(self) -> list[str]:
         """The loopback addresses of this federation's SuperLink and SuperNodes."""

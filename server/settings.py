@@ -46,6 +46,8 @@ class RunSettings:
             ``dp_sites_per_round`` (sites sampled each round, all must reply), ``dp_target_delta``, and
             ``dp_max_epsilon`` (0: no limit; else the run stops before a round that would pass it).
         run_dir: checkpoints, history and reports; a restart with the same folder resumes.
+        metrics_port: > 0: the ServerApp serves Prometheus metrics on this port while the run goes on
+            (``metrics_address``: the interface, all by default).
         keep_checkpoints: how many round checkpoints to keep (the latest ones).
     """
 
@@ -81,6 +83,8 @@ class RunSettings:
     run_dir: str = "runs/default"
     keep_checkpoints: int = 3
     seed: int = 0
+    metrics_port: int = 0
+    metrics_address: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -98,6 +102,8 @@ class RunSettings:
             raise ValueError(f"dp should be one of {DP_MODES}, got {self.dp!r}.")
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction_train should be in (0, 1], got {self.fraction_train}.")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port should be a TCP port (1-65535), or 0 for no exporter; got {self.metrics_port}.")
         self.objectives = check_weights(self.objectives)
         load_model_config(self.preset)  # an unknown preset fails here, naming it
 

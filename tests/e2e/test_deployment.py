@@ -18,7 +18,7 @@ import yaml
 
 from client.cli import main as site_cli
 from server.checkpoint import RunFolder
-from server.local_federation import LocalFederation, processes_using
+from server.local_federation import LocalFederation, free_port, processes_using
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
@@ -78,13 +78,40 @@ def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return latest.arrays
 
 
-def test_two_rounds_on_two_supernodes(cohort, tmp_path):
+def scrape(port: int) -> dict[tuple[str, tuple], float] | None:
+    """``{(sample name, sorted labels): value}`` from a Prometheus exporter, or None if it does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples} | {("_text", ()): text}
+
+
+def test_two_rounds_on_two_supernodes_watched_by_both_exporters(cohort, tmp_path):
     run_dir = tmp_path / "run"
     recipe = preset_override(cohort, run_dir)
+    server_port = free_port()
+    config = run_config(cohort, run_dir, 2, recipe=str(recipe), **{"metrics-port": server_port,
+                                                                 "metrics-address": "127.0.0.1"})
+    server_seen = None
     with LocalFederation(tmp_path / "fed", cohort["sites"][:2]) as fed:
-        result = fed.run(REPO, run_config(cohort, run_dir, 2, recipe=str(recipe)), timeout=600)
+        site_ports = [fed.start_site_exporter(i) for i in range(2)]
+        run = fed.run_async(REPO, config)
+        deadline = time.time() + 600
+        while run.poll() is None:  # the ServerApp's exporter lives as long as the run: scrape it meanwhile
+            assert time.time() < deadline, "the run did not finish"
+            sample = scrape(server_port)
+            if sample and sample.get(("fedvlp_server_round", ()), 0) >= 1:
+                server_seen = sample
+            time.sleep(0.3)
+        sites_seen = [scrape(port) for port in site_ports]
     log = (tmp_path / "fed" / "logs" / "run.log").read_text()
-    assert result.returncode == 0, log[-3000:]
+    assert run.returncode == 0, log[-3000:]
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2]
     assert all(h["participation"]["valid"] == 2 and not h["skipped"] for h in history)
@@ -96,6 +123,29 @@ def test_two_rounds_on_two_supernodes(cohort, tmp_path):
     initial = load_arrays_file(run_dir / "checkpoints" / "round_0000" / "global.safetensors")
     changed = [k for k in initial if not np.array_equal(initial[k], start.arrays[k])]
     assert len(changed) > len(initial) // 2  # the global model trained
+
+    assert server_seen is not None, "the server's exporter never showed a finished round"
+    s = server_seen
+    assert s[("fedvlp_server_rounds_planned", ())] == 2 and s[("fedvlp_server_round", ())] >= 1
+    assert s[("fedvlp_server_round_sites", (("state", "valid"),))] == 2
+    assert s[("fedvlp_server_round_sites", (("state", "rejected"),))] == 0
+    assert s[("fedvlp_server_rounds_total", (("outcome", "aggregated"),))] >= 1
+    assert s[("fedvlp_server_received_bytes_total", ())] >= 2 * history[0]["bytes_sent_per_site"]
+    assert 0 < s[("fedvlp_server_round_seconds", ())] < 600 and s[("fedvlp_server_aggregation_seconds", ())] >= 0
+    assert s[("fedvlp_server_train_loss", (("objective", "clip"),))] > 0
+    for i, site in enumerate(sites_seen):
+        assert site is not None, f"site {i}'s exporter did not answer"
+        assert site[("fedvlp_site_round", ())] == 2 and site[("fedvlp_site_training", ())] == 0
+        assert site[("fedvlp_site_rounds_total", (("outcome", "completed"),))] == 2
+        assert site[("fedvlp_site_rounds_total", (("outcome", "failed"),))] == 0
+        assert site[("fedvlp_site_local_steps_total", ())] == 2 and site[("fedvlp_site_volumes_total", ())] > 0
+        assert site[("fedvlp_site_volumes_per_second", ())] > 0
+        assert 0 <= site[("fedvlp_site_data_wait_fraction", ())] <= 1
+        assert site[("fedvlp_site_loss", (("objective", "clip"),))] > 0
+        assert site[("fedvlp_site_gpu_memory_peak_bytes", ())] == 0  # CPU
+        assert site[("fedvlp_site_ingest_files", (("outcome", "ingested"),))] > 0
+        text = site[("_text", ())]  # aggregates only: no path, site name or study identifier
+        assert str(cohort["root"]) not in text and f"site{i}" not in text and "SYN-" not in text
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(cohort, tmp_path):
