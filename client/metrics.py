@@ -34,6 +34,7 @@ EXPORTED = frozenset(ALLOWED_METRICS | {"gpu-memory-peak-bytes"}) - {"num-exampl
 """Metric names a snapshot may hold: the egress whitelist (what the server may see anyway) plus the
 round's peak GPU memory, which stays at the site."""
 WRITE_EVERY_S = 5.0
+LOG_EVERY_S = 30.0
 
 
 def snapshot_path(cache_dir: str | Path) -> Path:
@@ -71,6 +72,7 @@ class RoundProgress:
         self.state = read_snapshot(cache_dir)
         self.state.setdefault("totals", {})
         self.state.update(round=server_round, training=1, step=0, steps=steps, latest=self.state.get("latest", {}))
+        self.last_log = time.monotonic()
         self._write()
 
     def _write(self) -> None:
@@ -87,6 +89,11 @@ class RoundProgress:
         self.state["latest"] = {**self.state["latest"], **_whitelisted(running)}
         if time.monotonic() - self.last_write >= self.every_s:
             self._write()
+        if time.monotonic() - self.last_log >= LOG_EVERY_S or step == self.state["steps"]:
+            self.last_log = time.monotonic()
+            log.info("round %s: step %d/%d, %.2f volumes/s, loss %.4f, data wait %.0f%%", self.state["round"], step,
+                     self.state["steps"], running.get("volumes-per-second", 0.0), running.get("train-loss", float("nan")),
+                     100 * running.get("data-wait-fraction", 0.0))
 
     @classmethod
     def mark_failed(cls, cache_dir: str | Path, server_round: int) -> None:

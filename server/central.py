@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from shared_models import build_model, load_arrays, load_model_config, model_to_arrays
 from shared_models.training import StepSettings, derive_seed, make_optimizer, run_steps
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def train_central(settings: RunSettings, site_configs: list[str | Path], batch_size: int = 4,
-                  device: str = "auto") -> dict[str, Any]:
+                  device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Train on the pooled caches of ``site_configs``; checkpoints and history go to ``settings.run_dir``."""
     folder = RunFolder(settings.run_dir, keep=settings.keep_checkpoints)
     if folder.latest() is not None:
@@ -45,6 +46,13 @@ def train_central(settings: RunSettings, site_configs: list[str | Path], batch_s
     evaluate = validation_evaluator(settings)
     steps_per_round = settings.local_steps * len(caches)
     optimizer = None
+    bar = tqdm(total=steps_per_round * settings.rounds, desc="train-central", unit=" step", disable=not progress)
+
+    def advance(step: int, running: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{running.get('train-loss', float('nan')):.3f}",
+                        vps=f"{running.get('volumes-per-second', 0.0):.1f}")
+
     for server_round in range(1, settings.rounds + 1):
         started = time.time()
         torch.manual_seed(derive_seed(settings.seed, server_round, "central", "torch"))
@@ -53,7 +61,7 @@ def train_central(settings: RunSettings, site_configs: list[str | Path], batch_s
                              weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
                              seed=derive_seed(settings.seed, server_round, "central", "data"))
         optimizer = optimizer or make_optimizer(model, steps, dev)
-        metrics = run_steps(model, caches, steps, optimizer, dev)
+        metrics = run_steps(model, caches, steps, optimizer, dev, progress=advance)
         arrays = model_to_arrays(model)
         record: dict[str, Any] = {"round": server_round, "lr": steps.lr, "skipped": False, "centralized": True,
                                   "train": metrics, "optimizer_steps": steps_per_round * server_round}
@@ -64,4 +72,5 @@ def train_central(settings: RunSettings, site_configs: list[str | Path], batch_s
         folder.save(server_round, arrays, {}, {"settings": settings.to_dict(), "run_key": "central"})
         log.info("central round %d/%d: %d steps, train loss %.4f", server_round, settings.rounds, steps_per_round,
                  metrics["train-loss"])
+    bar.close()
     return {"run_dir": str(folder.root), "optimizer_steps": steps_per_round * settings.rounds}

@@ -9,7 +9,9 @@ Steps, each through the commands a site operator or federation operator runs:
 2. ``fedvlp-site ingest`` of each (the sites in parallel);
 3. a SuperLink and three SuperNodes on loopback (``server.local_federation``), ``flwr run`` of the
    ``tiny`` recipe with the central cohort as the evaluation cohort;
-4. a report under the output folder (per-round losses and participation, central evaluation).
+4. a report under the output folder (per-round losses and participation, central evaluation);
+   the ServerApp serves Prometheus metrics during the run and each site runs its exporter
+   (``fedvlp-site metrics``), whose final scrape is saved in ``OUT/metrics/SITE.prom``.
 Every process started is stopped on exit, Ctrl-C included. ``FLWR_HOME`` is ``OUT/flwr_home``.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .local_federation import LocalFederation
+from .local_federation import LocalFederation, free_port
 
 log = logging.getLogger(__name__)
 SITES = (("site-a", "general", 1), ("site-b", "cardio", 2), ("site-c", "pulmonary", 3))
@@ -68,6 +70,20 @@ def prepare_cohorts(out: Path, studies: int, central_studies: int, preset: str) 
     return [yamls[name] for name, *_ in SITES], yamls["central"]
 
 
+def save_site_metrics(folder: Path, names: list[str], ports: list[int]) -> None:
+    """Each site exporter's final scrape, as Prometheus would see it, in ``folder/SITE.prom``."""
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, port in zip(names, ports):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        except OSError as err:
+            log.warning("site %s's exporter did not answer: %s", name, err)
+            continue
+        (folder / f"{name}.prom").write_bytes(text)
+
+
 def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 8, studies: int = 20, central_studies: int = 40,
              recipe: str = "tiny") -> Path:
     out = Path(out).resolve()
@@ -78,12 +94,18 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 8, studies: in
     site_yamls, central_yaml = prepare_cohorts(out, studies, central_studies, "tiny")
     log.info("cohorts ready in %.0f s", time.time() - started)
     run_dir = out / "run"
+    metrics_port = free_port()
     run_config = {"recipe": recipe, "run-dir": str(run_dir), "num-rounds": rounds, "local-steps": local_steps,
-                  "eval-cohort": str(central_yaml), "min-available": len(site_yamls), "min-replies": 2}
+                  "eval-cohort": str(central_yaml), "min-available": len(site_yamls), "min-replies": 2,
+                  "metrics-port": metrics_port, "metrics-address": "127.0.0.1"}
     with LocalFederation(out, site_yamls) as federation:
         log.info("SuperLink on %s, %d SuperNodes; flwr run (logs in %s)", federation.address, len(site_yamls),
                  federation.logs)
+        site_ports = [federation.start_site_exporter(i) for i in range(len(site_yamls))]
+        log.info("Prometheus metrics: server http://127.0.0.1:%d/metrics (while the run goes on), sites %s",
+                 metrics_port, ", ".join(f"http://127.0.0.1:{p}/metrics" for p in site_ports))
         result = federation.run(REPO, run_config, timeout=3600)
+        save_site_metrics(out / "metrics", [name for name, *_ in SITES], site_ports)
     if result.returncode != 0 or not (run_dir / "history.jsonl").is_file():
         raise RuntimeError(f"the federated run failed (flwr run exit {result.returncode}); see {out / 'logs'}")
     from .evaluation.evaluate import evaluate_checkpoint

@@ -115,3 +115,19 @@ def test_a_failed_multi_process_round_names_its_log_and_is_counted(trained_site)
     with pytest.raises(DistributedRoundError, match="ddp_round_0001.log"):
         train_round(cfg, broken, config(preset, local_steps=1))
     assert read_snapshot(cfg.cache_dir)["totals"]["rounds_failed"] == 1
+
+
+def test_gpu_compute_options_keep_the_state_dict_layout(trained_site):
+    """compile and channels-last change how the model runs, never the names or shapes that travel."""
+    import torch
+
+    from client.train import apply_compute_options
+
+    cfg, preset, start = trained_site
+    cfg.compute.compile, cfg.compute.channels_last = True, True
+    model = build_model(load_site_config(cfg.source).model_config(preset=preset))
+    apply_compute_options(model, cfg, torch.device("cpu"))
+    assert all(block._compiled_call_impl is not None for block in model.vision.blocks)
+    assert model.vision.patch_embed.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    arrays = model_to_arrays(model)
+    assert list(arrays) == list(start) and all(arrays[k].shape == start[k].shape for k in start)
