@@ -273,7 +273,12 @@ class ResNet3DEncoder(nn.Module):
         f = net.act(net.bn1(net.conv1(x.flatten(0, 1))))
         if not net.no_max_pool:
             f = net.maxpool(f)
-        f = net.layer4(net.layer3(net.layer2(net.layer1(f))))  # [B*S, C, d, h, w]
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            if self.cfg.gradient_checkpointing and self.training:  # recompute each stage in the backward pass
+                f = checkpoint(layer, f, use_reentrant=False)
+            else:
+                f = layer(f)
+        # f: [B*S, C, d, h, w]
         grid = tuple(f.shape[2:])
         tokens = self.norm(self.proj(f.flatten(2).transpose(1, 2)))  # [B*S, n, W]
         n = tokens.shape[1]

@@ -116,3 +116,31 @@ def test_resnet_encoder_tokens_and_no_masking():
     assert out.tokens.shape[0] == 2 and out.tokens.shape[2] == 32 and out.valid.all()
     with pytest.raises(ValueError, match="MAE masking needs vision.kind 'vit'"):
         enc(torch.randn(1, 1, 32, 32, 32), mask_ratio=0.5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    """Activation checkpointing trades compute for memory: the loss and every gradient stay the same."""
+    common = dict(width=32, heads=2, depth=2, patch_size=(8, 8, 8)) if kind == "vit" else \
+        dict(kind="resnet", width=32, resnet_layers=(1, 1, 1, 1), resnet_groups=8)
+    x = torch.randn(2, 1, 32, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = VisionConfig(**common, gradient_checkpointing=checkpointing)
+        enc = (ViT3D(cfg) if kind == "vit" else ResNet3DEncoder(cfg)).train()
+        (enc(x).tokens ** 2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_given_mask_noise_fixes_which_tokens_are_hidden():
+    tokens = torch.randn(2, 8, 4)
+    noise = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]] * 2)
+    kept, mask, _ = random_masking(tokens, 0.5, noise=noise)
+    assert mask[0].tolist() == [1, 0, 1, 0, 1, 0, 1, 0]  # the lowest noise is kept, as in MAE
+    assert torch.equal(kept[0], tokens[0, [1, 3, 5, 7]])
+    with pytest.raises(ValueError, match="mask noise should have shape"):
+        random_masking(tokens, 0.5, noise=noise[:, :4])
