@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from shared_models import build_model, load_model_config, model_to_arrays
@@ -26,7 +26,7 @@ from .checkpoint import RunFolder, load_arrays_file, restore_random_state
 from .metrics import ServerMetrics
 from .privacy import PrivacyBudgetExhausted, privacy_state, write_privacy_report
 from .settings import RunSettings
-from .strategy import build_strategy
+from .strategy import StreamingMean, build_strategy
 
 log = logging.getLogger(__name__)
 Evaluator = Callable[[int, dict[str, np.ndarray]], dict[str, Any]]
@@ -67,6 +67,49 @@ def round_config(settings: RunSettings, server_round: int, run_key: str) -> Conf
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def reply_bytes(reply: Message) -> int:
+    """Bytes of the arrays a reply carries (as serialized on the wire)."""
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return 0
+    return sum(len(a.data) for a in reply.content.array_records["arrays"].values())
+
+
+class _Fold:
+    """Checks a reply and adds it to the round's streaming mean; counts bytes and the time it takes."""
+
+    def __init__(self, strategy, server_round: int) -> None:
+        self.strategy, self.server_round = strategy, server_round
+        self.mean, self.bytes, self.seconds = StreamingMean(), 0, 0.0
+
+    def __call__(self, reply: Message) -> None:
+        started = time.time()
+        self.bytes += reply_bytes(reply)
+        if self.strategy.accept(self.server_round, reply):
+            self.mean.add(reply.content)
+        self.seconds += time.time() - started
+
+
+def receive_replies(grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[Message], None],
+                    poll_s: float = 1.0) -> None:
+    """Push the round's instructions and hand each reply to ``on_reply`` as soon as it is there.
+
+    Like ``Grid.send_and_receive`` (replies that miss the timeout are left out), but replies are pulled
+    one message id at a time, so the ServerApp never holds more than one site's arrays at once.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.time() + timeout
+    while pending:
+        for message_id in sorted(pending):
+            for reply in grid.pull_messages([message_id]):
+                pending.discard(reply.metadata.reply_to_message_id)
+                on_reply(reply)
+        if not pending or time.time() >= deadline:
+            break
+        time.sleep(min(poll_s, max(0.0, deadline - time.time())))
+    if pending:
+        log.warning("%d site(s) did not reply within the round's %.0f s timeout", len(pending), timeout)
 
 
 def _warn_on_schedule_change(saved: dict[str, Any], settings: RunSettings) -> None:
@@ -129,12 +172,21 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
             summary["stopped"] = f"privacy budget exhausted before round {server_round}: {err}"
             log.warning("run stopped: %s; the final checkpoint is round %d's", summary["stopped"], server_round - 1)
             break
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-        bytes_in = sum(sum(len(a.data) for a in r.content.array_records["arrays"].values())
-                       for r in replies if not r.has_error() and "arrays" in r.content.array_records)
-        aggregation_started = time.time()
-        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
-        del replies  # the sites' arrays: only the aggregate is kept
+        if strategy.streams:  # each reply is checked and folded into the mean as it arrives, then dropped
+            fold = _Fold(strategy, server_round)
+            receive_replies(grid, messages, settings.round_timeout_s, fold)
+            aggregation_started = time.time() - fold.seconds
+            aggregated, train_metrics = strategy.aggregate_streamed(server_round, fold.mean, messages[0]) \
+                if messages else (None, None)
+            bytes_in = fold.bytes
+            del fold
+        else:  # Flower's DP wrappers clip and noise the list of replies
+            replies: list[Message] = []
+            receive_replies(grid, messages, settings.round_timeout_s, replies.append)
+            bytes_in = sum(reply_bytes(r) for r in replies)
+            aggregation_started = time.time()
+            aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+            del replies
         skipped = aggregated is None
         if not skipped:  # keep each array's dtype (FedAdam's update would make float64)
             arrays = {k: v.numpy().astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}

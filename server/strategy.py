@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -48,7 +48,7 @@ def check_reply(content, reference: dict[str, np.ndarray], max_update_norm: floa
         if np.issubdtype(value.dtype, np.floating):
             if not np.isfinite(value).all():
                 return f"array {key!r} holds non-finite values"
-            total += float(np.sum((value.astype(np.float64) - ref) ** 2))
+            total += float(np.sum((value.astype(np.float64) - ref) ** 2))  # one array in float64 at a time
     norm = total ** 0.5
     if norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}"
@@ -63,44 +63,96 @@ class LenientMetrics:
         return super()._check_and_log_replies(replies, is_train, validate=False)
 
 
+class StreamingMean:
+    """The ``num-examples``-weighted mean of the replies' arrays, accumulated as replies arrive.
+
+    The server then holds one reply at a time plus this float64 sum, however many sites reply, instead
+    of every reply until the round ends (what ``Strategy.aggregate_train`` over a list of replies needs).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.total = 0.0
+        self.metrics: list[RecordDict] = []  # each reply's metric record only (a few scalars)
+
+    def add(self, content: RecordDict) -> None:
+        metrics = content.metric_records["metrics"]
+        weight = float(metrics["num-examples"])
+        for key, array in content.array_records["arrays"].items():
+            value = array.numpy()
+            if key in self.sums:
+                self.sums[key] += value * weight  # in place, in float64
+            else:
+                self.sums[key] = value.astype(np.float64) * weight
+        self.total += weight
+        self.metrics.append(RecordDict({"metrics": MetricRecord(dict(metrics))}))
+
+    def mean(self, dtypes: dict[str, np.dtype]) -> ArrayRecord:
+        return ArrayRecord(array_dict={k: Array(np.ascontiguousarray((v / self.total).astype(dtypes[k])))
+                                       for k, v in self.sums.items()})
+
+
 class CheckedReplies:
-    """Mixin for a Flower Message-API strategy: validate replies, require a minimum of valid ones."""
+    """Mixin for a Flower Message-API strategy: validate replies, require a minimum of valid ones.
+
+    Two ways to aggregate: ``aggregate_train(round, replies)`` over a list (Flower's contract; the DP
+    wrappers need it), or streaming: :meth:`accept` each reply as it arrives into a :class:`StreamingMean`,
+    then :meth:`aggregate_streamed` (FedAvg, FedProx and FedAdam; see :mod:`server.federation`).
+    """
 
     min_replies: int = 1
     max_update_norm: float = float("inf")
+    streams: bool = True  # False for the DP wrappers, which clip and noise a list of replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.reference = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        self.reference = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.participation: dict[str, Any] = {"sampled": len(messages), "replied": 0, "valid": 0, "rejected": [],
                                               "errors": [], "sites": []}
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        valid = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            self.participation["replied"] += 1
-            if msg.has_error():
-                self.participation["errors"].append({"node": node, "reason": str(msg.error.reason)[:300]})
-                log.warning("round %d: node %s replied with an error: %s", server_round, node, msg.error.reason)
-                continue
-            problem = check_reply(msg.content, self.reference, self.max_update_norm)
-            if problem:
-                self.participation["rejected"].append({"node": node, "reason": problem})
-                log.warning("round %d: rejected the reply of node %s: %s", server_round, node, problem)
-                continue
-            valid.append(msg)
-            metrics = msg.content.metric_records["metrics"]
-            site = {"node": node, "num-examples": metrics["num-examples"], "train-seconds": metrics.get("train-seconds")}
-            site.update({k: metrics[k] for k in SITE_DP_METRICS if k in metrics})
-            self.participation["sites"].append(site)
-        self.participation["valid"] = len(valid)
-        if len(valid) < self.min_replies:
+    def accept(self, server_round: int, msg: Message) -> bool:
+        """Check one reply and record the site's participation; True when it can be aggregated."""
+        node = msg.metadata.src_node_id
+        self.participation["replied"] += 1
+        if msg.has_error():
+            self.participation["errors"].append({"node": node, "reason": str(msg.error.reason)[:300]})
+            log.warning("round %d: node %s replied with an error: %s", server_round, node, msg.error.reason)
+            return False
+        problem = check_reply(msg.content, self.reference, self.max_update_norm)
+        if problem:
+            self.participation["rejected"].append({"node": node, "reason": problem})
+            log.warning("round %d: rejected the reply of node %s: %s", server_round, node, problem)
+            return False
+        metrics = msg.content.metric_records["metrics"]
+        site = {"node": node, "num-examples": metrics["num-examples"], "train-seconds": metrics.get("train-seconds")}
+        site.update({k: metrics[k] for k in SITE_DP_METRICS if k in metrics})
+        self.participation["sites"].append(site)
+        self.participation["valid"] += 1
+        return True
+
+    def _enough(self, server_round: int) -> bool:
+        if self.participation["valid"] < self.min_replies:
             log.warning("round %d skipped: %d valid replies, %d needed; the global model is kept",
-                        server_round, len(valid), self.min_replies)
+                        server_round, self.participation["valid"], self.min_replies)
+            return False
+        return True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid = [msg for msg in replies if self.accept(server_round, msg)]
+        if not self._enough(server_round):
             return None, None
         return super().aggregate_train(server_round, valid)
+
+    def aggregate_streamed(self, server_round: int, mean: StreamingMean, instruction: Message):
+        """The round's result from the streamed mean: the strategy's own aggregation (FedAdam's server
+        step included) applied to one reply that carries the mean, and the sites' metrics aggregated."""
+        if not self._enough(server_round):
+            return None, None
+        content = RecordDict({"arrays": mean.mean({k: v.dtype for k, v in self.reference.items()}),
+                              "metrics": MetricRecord({"num-examples": mean.total})})
+        arrays, _ = super().aggregate_train(server_round, [Message(content, reply_to=instruction)])
+        return arrays, aggregate_metrics(mean.metrics, "num-examples")
 
     # -- state for checkpoints (FedAdam's moments, the DP accountant's ledger) ------------------------
     def accountant_state(self) -> dict[str, Any] | None:
@@ -171,7 +223,7 @@ def _build_dp_strategy(settings: RunSettings) -> CheckedReplies:
     inner = (LenientFedProx(proximal_mu=settings.proximal_mu, **common) if settings.strategy == "fedprox"
              else LenientFedAvg(**common))
     wrapper = dp_wrapper_class(settings)
-    checked = type(f"Checked{wrapper.__name__}", (CheckedReplies, wrapper), {})
+    checked = type(f"Checked{wrapper.__name__}", (CheckedReplies, wrapper), {"streams": False})
     strategy = checked(inner, settings.dp_noise_multiplier, settings.dp_clipping_norm, k,
                        accountant=make_accountant(settings))
     strategy.min_replies = k

@@ -119,7 +119,8 @@ def test_a_resumed_dp_run_continues_the_same_ledger(tmp_path, inprocess_grid, mo
 
 
 def test_a_round_missing_a_sampled_site_releases_nothing(tmp_path, inprocess_grid, model_yaml_writer):
-    s = settings(model_yaml_writer(tmp_path / "m.yaml"), tmp_path / "run", rounds=2)
+    # a dead site's reply is awaited until the round's timeout: keep it short here
+    s = settings(model_yaml_writer(tmp_path / "m.yaml"), tmp_path / "run", rounds=2, round_timeout_s=1.0)
     summary = run_federation(inprocess_grid({101: shift(1e-4), 102: "dead"}), s)
     history = RunFolder(s.run_dir).history()
     assert summary["rounds_skipped"] == 2 and all(r["skipped"] for r in history)

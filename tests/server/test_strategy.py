@@ -309,3 +309,64 @@ def test_aggregate_metrics_are_example_weighted_means_over_the_sites_that_report
     assert out["train-loss"] == pytest.approx((2 * 1.0 + 6 * 3.0 + 12 * 0.0) / 20)
     assert out["loss.clip"] == pytest.approx((2 * 4.0 + 12 * 2.0) / 14)
     assert out["loss.mae"] == pytest.approx(0.5)
+
+
+# -- streaming aggregation -----------------------------------------------------------------------------------
+
+
+def streamed_round(strategy, grid, server_round=1, arrays=None):
+    """The federation loop's path: each reply checked and folded in as it arrives."""
+    from server.federation import _Fold, receive_replies
+
+    arrays = REFERENCE if arrays is None else arrays
+    messages = strategy.configure_train(server_round, record(arrays), ConfigRecord({"lr": 0.1}), grid)
+    fold = _Fold(strategy, server_round)
+    receive_replies(grid, messages, 1.0, fold)
+    return strategy.aggregate_streamed(server_round, fold.mean, messages[0])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam"])
+def test_streamed_aggregation_equals_flowers_aggregation_over_the_list(name, tmp_path, inprocess_grid):
+    handlers = {101: replying(plus(delta(1)), {"num-examples": 3, "train-loss": 0.5}),
+                102: replying(plus(delta(2)), {"num-examples": 5, "train-loss": 1.5}),
+                103: replying(lambda a: {k: v + np.nan for k, v in a.items()}, {"num-examples": 9}),
+                104: DEAD}
+    results = []
+    for streamed in (False, True):
+        strategy = build_strategy(settings(tmp_path, strategy=name, min_available=4, proximal_mu=0.1))
+        grid = inprocess_grid(handlers)
+        arrays, metrics = (streamed_round if streamed else run_round)(strategy, grid)
+        results.append(({k: v.numpy() for k, v in arrays.items()}, dict(metrics), dict(strategy.participation)))
+    (listed, listed_metrics, listed_part), (stream, stream_metrics, stream_part) = results
+    for key in REFERENCE:
+        assert listed[key].shape == stream[key].shape  # (FedAdam returns float64; the federation loop casts back)
+        np.testing.assert_allclose(stream[key], listed[key], rtol=1e-6, atol=1e-7)
+    assert stream_metrics == pytest.approx(listed_metrics)
+    assert stream_metrics["train-loss"] == pytest.approx((3 * 0.5 + 5 * 1.5) / 8)
+    for field in ("sampled", "replied", "valid"):
+        assert stream_part[field] == listed_part[field]
+    assert [r["node"] for r in stream_part["rejected"]] == [103]
+    if name != "fedadam":  # the example-weighted mean itself
+        expected = {k: REFERENCE[k] + (3 * delta(1)[k] + 5 * delta(2)[k]) / 8 for k in REFERENCE}
+        for key in REFERENCE:
+            assert stream[key].dtype == np.float32
+            np.testing.assert_allclose(stream[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_replies_are_pulled_one_at_a_time_and_a_dead_site_costs_only_the_timeout(inprocess_grid):
+    from server.federation import receive_replies
+
+    grid = inprocess_grid({101: replying(plus(delta(1)), {"num-examples": 1}),
+                           102: replying(plus(delta(2)), {"num-examples": 1}), 103: DEAD})
+    pulls, seen = [], []
+    pull = grid.pull_messages
+    grid.pull_messages = lambda ids: pulls.append(list(ids)) or pull(ids)
+    strategy = build_strategy(RunSettings(preset="tiny", min_available=3))
+    messages = strategy.configure_train(1, record(REFERENCE), ConfigRecord({"lr": 0.1}), grid)
+    import time
+
+    started = time.time()
+    receive_replies(grid, messages, timeout=1.5, on_reply=seen.append, poll_s=0.2)
+    assert 1.5 <= time.time() - started < 10
+    assert all(len(ids) == 1 for ids in pulls)  # never more than one site's arrays at a time
+    assert sorted(m.metadata.src_node_id for m in seen) == [101, 102]  # each reply handed over once
