@@ -80,8 +80,10 @@ def main() -> None:
         central = out / "data" / "central" / "site.yaml"
     else:
         sites, central = prepare_cohorts(out, args.studies, args.central_studies, "tiny")
+    # a generous round timeout: on a shared CPU a site's round can take minutes, and a late site would be
+    # dropped from the round (with min-replies 3, the round skipped), which is not what is measured here
     config = {"recipe": args.recipe, "num-rounds": args.rounds, "local-steps": args.local_steps, "lr": args.lr,
-              "min-available": 3, "min-replies": 3, "evaluate-every": args.rounds}
+              "min-available": 3, "min-replies": 3, "evaluate-every": args.rounds, "round-timeout-s": 3600}
     for item in filter(None, args.weights.split(",")):
         name, value = item.split("=")
         config[f"weight-{name.strip()}"] = float(value)

@@ -63,7 +63,10 @@ def train_round_ddp(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], 
         log_path = state_dir / f"ddp_round_{rc.server_round:04d}.log"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                    "--nproc-per-node", str(site_cfg.compute.processes), "-m", "client.ddp", str(folder)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(site_cfg.compute.threads or 1)}
+        # the ranks import this very app: from the FAB folder Flower installed it in, not from site-packages
+        app_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "OMP_NUM_THREADS": str(site_cfg.compute.threads or 1),
+               "PYTHONPATH": os.pathsep.join(filter(None, [app_root, os.environ.get("PYTHONPATH")]))}
         log.info("round %d: local training on %d processes (log: %s)", rc.server_round, site_cfg.compute.processes,
                  log_path)
         with open(log_path, "wb") as out:
