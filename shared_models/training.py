@@ -178,7 +178,8 @@ def run_steps(model, cache_dirs: Sequence[str | Path], s: StepSettings, optimize
                 if anchor is not None and s.proximal_mu > 0:
                     loss = loss + s.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 (loss / s.grad_accum).backward()
-            volumes += batch["volume"].shape[0]
+            # scans seen: every real scan of an HLIP study, else one volume per study
+            volumes += int(batch["study_mask"].sum()) if "study_mask" in batch else batch["volume"].shape[0]
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
                 counts[name] = counts.get(name, 0) + 1
