@@ -227,7 +227,10 @@ def _build_dp_strategy(settings: RunSettings) -> CheckedReplies:
     strategy = checked(inner, settings.dp_noise_multiplier, settings.dp_clipping_norm, k,
                        accountant=make_accountant(settings))
     strategy.min_replies = k
-    strategy.max_update_norm = settings.max_update_norm
+    # server-side clipping bounds every update to dp_clipping_norm: a large update is clipped, as DP-FedAvg
+    # intends, not rejected (rejecting it would skip the round). With client-side clipping the bound stays:
+    # a site's update larger than the bound did not clip, and is refused.
+    strategy.max_update_norm = float("inf") if settings.dp == "server" else settings.max_update_norm
     if settings.min_replies != k:
         log.info("dp: every round needs all %d sampled sites to reply (min_replies %d is not used)", k,
                  settings.min_replies)

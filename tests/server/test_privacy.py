@@ -70,6 +70,18 @@ def test_a_dp_round_clips_averages_and_adds_the_calibrated_noise(tmp_path, inpro
         opacus_epsilon(0.5, 1, 1e-5, make_accountant(s).state_dict()["orders"]), abs=1e-6)
 
 
+@pytest.mark.parametrize("mode,released", [("server", True), ("client", False)])
+def test_a_large_update_is_clipped_under_server_side_dp_and_refused_under_client_side(
+        mode, released, tmp_path, inprocess_grid, model_yaml_writer):
+    """Server-side clipping exists to bound large updates: one far past max_update_norm is clipped and the
+    round released. With client-side clipping such an update means the site did not clip: refused."""
+    s = settings(model_yaml_writer(tmp_path / "m.yaml"), tmp_path / "run", rounds=1, dp=mode, max_update_norm=1.0)
+    run_federation(inprocess_grid({101: shift(1.0), 102: shift(1.0)}), s)  # norm sqrt(#weights) >> 1
+    record = RunFolder(s.run_dir).history()[0]
+    assert record["skipped"] is not released and record["privacy"]["releases"] == int(released)
+    assert len(record["participation"]["rejected"]) == (0 if released else 2)
+
+
 def test_the_budget_stops_the_run_cleanly_and_a_resume_keeps_what_was_spent(tmp_path, inprocess_grid,
                                                                            model_yaml_writer):
     model_yaml = model_yaml_writer(tmp_path / "m.yaml")
