@@ -105,6 +105,7 @@ def receive_replies(grid: Grid, messages: list[Message], timeout: float, on_repl
             for reply in grid.pull_messages([message_id]):
                 pending.discard(reply.metadata.reply_to_message_id)
                 on_reply(reply)
+            reply = None  # not kept alive while the next site's reply is pulled
         if not pending or time.time() >= deadline:
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.time())))
