@@ -5,6 +5,7 @@
     fedvlp-site synth  --out DIR --profile general --studies 20 --seed 0   # a synthetic PACS export
     fedvlp-site fab-hash PROJECT_DIR                # the FAB hash of a reviewed app version, to pin it
     fedvlp-site metrics --config site.yaml      # serve the site's Prometheus metrics (metrics.port)
+    fedvlp-site supernode -- FLOWER_SUPERNODE_ARGS...   # flower-supernode, rejoining after a crash
 
 Exit status: 0 on success, 1 when the cache is unusable, 2 on a configuration error.
 """
@@ -142,6 +143,17 @@ def cmd_metrics(args) -> int:
     return 0
 
 
+def cmd_supernode(args) -> int:
+    from .supernode import run_supernode
+
+    flags = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not flags:
+        raise SiteConfigError("supernode: pass flower-supernode's arguments after --, e.g. fedvlp-site supernode -- "
+                              "--superlink HOST:9092 --root-certificates ca.crt --auth-supernode-private-key site.key "
+                              "--node-config 'site-config=\"/abs/site.yaml\"'")
+    return run_supernode(flags, tries=args.rejoin_tries, wait_s=args.rejoin_wait)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedvlp-site", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None, help="default: metrics.port in the site YAML")
     p.add_argument("--address", default=None, help="default: metrics.address in the site YAML (0.0.0.0)")
     p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("supernode", help="run flower-supernode; retry while the SuperLink still holds this site's "
+                       "previous session (a restart right after a crash)")
+    p.add_argument("--rejoin-tries", type=int, default=12, help="starts before giving up (default 12)")
+    p.add_argument("--rejoin-wait", type=float, default=10.0, help="seconds between starts (default 10)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then flower-supernode's own arguments")
+    p.set_defaults(func=cmd_supernode)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -26,6 +26,11 @@ from .tls import make_ca, make_node_key, make_server_cert
 CONNECTION = "local-deployment"
 
 
+# A restarted SuperNode is refused until the SuperLink marks its previous session offline; sites run it
+# through `fedvlp-site supernode`, which retries that refusal (client/supernode.py)
+SUPERNODE = ["fedvlp-site", "supernode", "--rejoin-wait", "5", "--"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,7 +174,7 @@ class LocalFederation:
         """Start (or restart) the SuperNode of site ``i`` (``via``: another address that reaches the SuperLink)."""
         self.node_ports[i] = self.node_ports[i] or free_port()
         self.nodes[i] = self._spawn(f"supernode_{i}", [
-            "flower-supernode", *self.supernode_args(i), "--superlink", via or self.address, "--port", str(self.node_ports[i]),
+            *SUPERNODE, *self.supernode_args(i), "--superlink", via or self.address, "--port", str(self.node_ports[i]),
             "--node-config", f'site-config="{self.site_configs[i]}"',
         ])
 

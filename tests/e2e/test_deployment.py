@@ -201,3 +201,27 @@ def test_a_killed_site_is_skipped_and_rejoins(cohort, tmp_path):
     assert rounds[0]["participation"]["valid"] == 3
     assert rounds[1]["participation"]["valid"] == 2 and not rounds[1]["skipped"]  # went on without the dead site
     assert rounds[-1]["participation"]["valid"] == 3  # the restarted site took part again
+
+
+def test_a_site_restarted_right_after_a_crash_rejoins(cohort, tmp_path):
+    """Within a minute of a crash the SuperLink still lists the old session as online and refuses to
+    activate the site again; `fedvlp-site supernode` waits that out instead of exiting."""
+    with LocalFederation(tmp_path / "fed", cohort["sites"][:1]) as fed:
+        superlink_log, node_log = fed.logs / "superlink.log", fed.logs / "supernode_0.log"
+
+        def activations() -> int:
+            return superlink_log.read_text(errors="replace").count("Activated node_id=")
+
+        deadline = time.time() + 120
+        while activations() < 1:
+            assert time.time() < deadline, "the SuperNode never came online"
+            time.sleep(0.2)
+        fed.kill_node(0, signal.SIGKILL)
+        fed.start_node(0)  # at once: its old session is online for up to 60 s more
+        deadline = time.time() + 240
+        while activations() < 2:
+            assert time.time() < deadline and fed.nodes[0].poll() is None, "the restarted site never rejoined"
+            time.sleep(1)
+        log = node_log.read_text(errors="replace")
+        assert "refused to activate" in log  # it was refused first, and retried
+        assert fed.nodes[0].poll() is None  # and it is still running
