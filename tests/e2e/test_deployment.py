@@ -182,7 +182,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(cohort, tmp_path):
 def test_a_killed_site_is_skipped_and_rejoins(cohort, tmp_path):
     run_dir = tmp_path / "run"
     recipe = preset_override(cohort, run_dir)
-    config = run_config(cohort, run_dir, 4, recipe=str(recipe), **{"round-timeout-s": 45})
+    # the dead site's message ends round 2 when the SuperLink marks it offline (two missed heartbeats, about
+    # 60 s) or at the timeout; a timeout well above a live site's round keeps a loaded CI machine's slow
+    # ClientApp start from being counted as a dead site
+    config = run_config(cohort, run_dir, 4, recipe=str(recipe), **{"round-timeout-s": 120})
     with LocalFederation(tmp_path / "fed", cohort["sites"]) as fed:
         run = fed.run_async(REPO, {**config, "min-available": 3})
         history = run_dir / "history.jsonl"
