@@ -36,16 +36,22 @@ def _adopt_orphans() -> None:
         pass  # not Linux: leftovers are the init system's to reap
 
 
-def _stop_leftovers() -> None:
-    """Terminate and reap this process's remaining children (the exited SuperNode's SuperExec)."""
-    me, found = os.getpid(), []
+def live_processes(*, parent: int | None = None, group: int | None = None) -> list[int]:
+    """Running (not zombie) processes with this parent PID or in this process group, from /proc."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
         except OSError:
             continue
-        if int(fields[1]) == me and fields[0] != "Z":
+        if fields[0] != "Z" and (parent is None or int(fields[1]) == parent) and (group is None or int(fields[2]) == group):
             found.append(int(stat.parent.name))
+    return found
+
+
+def _stop_leftovers() -> None:
+    """Terminate and reap this process's remaining children (the exited SuperNode's SuperExec)."""
+    found = live_processes(parent=os.getpid())
     for pid in found:
         try:
             os.kill(pid, signal.SIGTERM)

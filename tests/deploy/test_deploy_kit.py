@@ -62,4 +62,3 @@ def test_the_start_scripts_use_tls_and_authentication(script, flags):
         "flower-superlink" if "superlink" in script else "flower-supernode"), "--help"],
         capture_output=True, text=True, timeout=60).stdout
     assert all(flag in help_text for flag in flags)  # every flag exists in this Flower
-

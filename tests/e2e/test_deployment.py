@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from client.cli import main as site_cli
+from client.supernode import live_processes
 from server.checkpoint import RunFolder
 from server.local_federation import LocalFederation, free_port, processes_using
 
@@ -57,19 +58,6 @@ def preset_override(cohort, run_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def live_members(pgid: int) -> list[int]:
-    """Running (not zombie) processes of a process group, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
@@ -164,7 +152,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(cohort, tmp_path):
         fed.superlink.send_signal(signal.SIGKILL)
         run.wait(timeout=60)
         groups = [fed.superlink.pid, *(node.pid for node in fed.nodes)]
-    assert all(live_members(g) == [] for g in groups)
+    assert all(live_processes(group=g) == [] for g in groups)
     assert processes_using(fed.addresses()) == []  # the killed SuperLink's ServerApp did not outlive it
     assert RunFolder(resumed).latest().round == 2
     with LocalFederation(tmp_path / "fed_c", cohort["sites"][:2]) as fed:
