@@ -224,11 +224,14 @@ class LocalFederation:
                 pass
             _signal_group(process, signal.SIGKILL)  # whatever of the group is left
             process.wait(timeout=10)
-        for pid in processes_using(self.addresses()):  # the SuperExecs' apps, in sessions of their own
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        deadline = time.time() + 10  # the SuperExecs' apps, in sessions of their own; gone when stop returns
+        while (left := processes_using(self.addresses())) and time.time() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
         self.nodes = [None] * len(self.site_configs)
         self.superlink = None
         self.exporters = []
