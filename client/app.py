@@ -1,11 +1,15 @@
 """The ClientApp (Flower Message API): one round of local training at this site.
 
-A SuperNode starts it with the site's YAML:
-    flower-supernode --superlink HOST:PORT --node-config 'site-config="/abs/site.yaml"' ...
+A site starts it through its own runner (``fedvlp-site supernode``: a SuperNode with
+``--isolation process`` and the site runner of :mod:`client.site_runner`, which vets the FAB before
+starting it and filters its reply), with the site's YAML:
+    fedvlp-site supernode --config /abs/site.yaml -- --superlink HOST:PORT \
+        --node-config 'site-config="/abs/site.yaml"' ...
 
 Mods, outermost first: the egress guard (only whitelisted content leaves; failures, a bad site config
 included, are sanitized), app pinning (refuse app versions the site did not allow), and Flower's
-client-side clipping for DP-FedAvg when the server's DP wrapper asks for it.
+client-side clipping for DP-FedAvg when the server's DP wrapper asks for it. The first two repeat, inside
+the app, what the site runner enforces outside it: defence in depth, not the site's guarantee.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from .approvals import site_policy
 from .egress import guard
 from .fab_pinning import pin_check
 from .site_config import SiteConfig, load_site_config
@@ -29,7 +34,9 @@ def _site_config(context: Context) -> SiteConfig | None:
 
 def fab_pinning_mod(msg: Message, context: Context, call_next) -> Message:
     site_cfg = _site_config(context)
-    return pin_check(msg, context, call_next, site_cfg.privacy.allowed_fab_hashes if site_cfg else [])
+    if site_cfg is None:  # the app refuses to train without a site config anyway
+        return call_next(msg, context)
+    return pin_check(msg, context, call_next, site_policy(site_cfg))
 
 
 def egress_guard_mod(msg: Message, context: Context, call_next) -> Message:

@@ -3,9 +3,11 @@
     fedvlp-site ingest --config site.yaml       # PACS export -> manifest + preprocessed cache
     fedvlp-site check  --config site.yaml       # validate config and cache, print a summary
     fedvlp-site synth  --out DIR --profile general --studies 20 --seed 0   # a synthetic PACS export
-    fedvlp-site fab-hash PROJECT_DIR                # the FAB hash of a reviewed app version, to pin it
+    fedvlp-site fab-hash PROJECT_DIR                # the FAB hash `flwr run PROJECT_DIR` sends
+    fedvlp-site approve PROJECT_DIR --config site.yaml  # review an app version, add it to the allowlist
     fedvlp-site metrics --config site.yaml      # serve the site's Prometheus metrics (metrics.port)
-    fedvlp-site supernode -- FLOWER_SUPERNODE_ARGS...   # flower-supernode, rejoining after a crash
+    fedvlp-site supernode --config site.yaml -- FLOWER_SUPERNODE_ARGS...   # SuperNode + the site runner
+    fedvlp-site runner --config site.yaml --runtime-api-address 127.0.0.1:9094   # (started by supernode)
 
 Exit status: 0 on success, 1 when the cache is unusable, 2 on a configuration error.
 """
@@ -119,6 +121,54 @@ def cmd_fab_hash(args) -> int:
     return 0
 
 
+def cmd_approve(args) -> int:
+    import hashlib
+
+    from .approvals import last_approved, read_fab, record_approval, review, site_policy
+
+    cfg = load_site_config(args.config, require_data=False)
+    try:
+        fab = read_fab(args.source)
+    except FileNotFoundError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    print("\n".join(review(fab, last_approved(cfg.privacy.approvals_dir))))
+    policy = site_policy(cfg)
+    if policy.any_app:
+        print(f"note: {cfg.source} says privacy.allowed_fab_hashes: any, so this site runs every app version; "
+              "the approval is recorded all the same (for the next review's diff).")
+    elif policy.allows(fab_hash):
+        print(f"already allowed at site {cfg.site_id}: {fab_hash}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("not approved: no terminal to confirm on; pass --yes to approve what is printed above", file=sys.stderr)
+            return 1
+        if input(f"Add {fab_hash[:12]}... to the apps site {cfg.site_id} runs? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not approved")
+            return 1
+    record_approval(cfg.privacy.approvals_dir, fab, str(Path(args.source).resolve()))
+    print(f"approved: {fab_hash} recorded in {Path(cfg.privacy.approvals_dir) / 'approved.jsonl'}; "
+          "the site runner allows it from the next message on")
+    return 0
+
+
+def cmd_runner(args) -> int:
+    import signal
+
+    from .site_runner import SiteRunner
+
+    load_site_config(args.config, require_data=False)  # a broken site YAML stops the site here, not later
+    logging.getLogger().handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
+    runner = SiteRunner(args.config, args.runtime_api_address, poll_s=args.poll)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: runner.stop())
+    runner.serve()
+    return 0
+
+
 def cmd_metrics(args) -> int:
     import signal
     import threading
@@ -144,14 +194,19 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_supernode(args) -> int:
-    from .supernode import run_supernode
+    from .supernode import process_isolation, run_supernode
 
     flags = args.args[1:] if args.args[:1] == ["--"] else args.args
     if not flags:
-        raise SiteConfigError("supernode: pass flower-supernode's arguments after --, e.g. fedvlp-site supernode -- "
-                              "--superlink HOST:9092 --root-certificates ca.crt --auth-supernode-private-key site.key "
-                              "--node-config 'site-config=\"/abs/site.yaml\"'")
-    return run_supernode(flags, tries=args.rejoin_tries, wait_s=args.rejoin_wait)
+        raise SiteConfigError("supernode: pass flower-supernode's arguments after --, e.g. fedvlp-site supernode "
+                              "--config /abs/site.yaml -- --superlink HOST:9093 --root-certificates ca.crt "
+                              "--auth-supernode-private-key site.key --node-config 'site-config=\"/abs/site.yaml\"'")
+    load_site_config(args.config, require_data=False)  # the runner's policy must load before the site joins
+    try:
+        process_isolation(flags)
+    except ValueError as err:
+        raise SiteConfigError(f"supernode: {err}") from None
+    return run_supernode(flags, str(Path(args.config).resolve()), tries=args.rejoin_tries, wait_s=args.rejoin_wait)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,17 +229,30 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("fab-hash", help="print the FAB hash `flwr run PROJECT` sends (for privacy.allowed_fab_hashes)")
     p.add_argument("project", help="the app's folder (the one holding pyproject.toml)")
     p.set_defaults(func=cmd_fab_hash)
+    p = sub.add_parser("approve", help="review an app version (hash, files, diff against the last approved one) "
+                       "and add it to the site's allowlist (privacy.approvals_dir)")
+    p.add_argument("source", help="the app's folder (the one holding pyproject.toml) or a .fab file")
+    p.add_argument("--config", required=True, help="the site YAML")
+    p.add_argument("--yes", action="store_true", help="approve without asking (after printing the review)")
+    p.set_defaults(func=cmd_approve)
     p = sub.add_parser("metrics", help="serve this site's Prometheus metrics (training progress, ingest counts)")
     p.add_argument("--config", required=True)
     p.add_argument("--port", type=int, default=None, help="default: metrics.port in the site YAML")
     p.add_argument("--address", default=None, help="default: metrics.address in the site YAML (0.0.0.0)")
     p.set_defaults(func=cmd_metrics)
-    p = sub.add_parser("supernode", help="run flower-supernode; retry while the SuperLink still holds this site's "
-                       "previous session (a restart right after a crash)")
+    p = sub.add_parser("supernode", help="run flower-supernode (--isolation process) with the site runner; retry "
+                       "while the SuperLink still holds this site's previous session (a restart right after a crash)")
+    p.add_argument("--config", required=True, help="the site YAML whose privacy section the runner enforces")
     p.add_argument("--rejoin-tries", type=int, default=12, help="starts before giving up (default 12)")
     p.add_argument("--rejoin-wait", type=float, default=10.0, help="seconds between starts (default 10)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then flower-supernode's own arguments")
     p.set_defaults(func=cmd_supernode)
+    p = sub.add_parser("runner", help="the site runner: take the SuperNode's ClientApp tasks, vet each FAB, "
+                       "filter each reply (started by `fedvlp-site supernode`)")
+    p.add_argument("--config", required=True, help="the site YAML")
+    p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's Runtime API (its --port)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks for a task (default 1)")
+    p.set_defaults(func=cmd_runner)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -42,7 +42,9 @@ Schema (every key optional unless marked; relative paths are relative to the YAM
       max_grad_norm: 1.0                #   per-sample gradient clipping bound
       target_delta: 1.0e-5              #   the delta the site's epsilon is reported at
       max_epsilon: 0                    #   > 0: refuse to train a round once this epsilon is spent
-      allowed_fab_hashes: []            # app versions this site runs (fedvlp-site fab-hash PROJECT)
+      allowed_fab_hashes: []            # app versions (FAB hashes) this site runs; [] runs none, `any` runs any
+      approvals_dir: ./approved_apps    # what `fedvlp-site approve PROJECT` recorded (added to the list above)
+      max_num_examples: 100000          # the largest num-examples a reply may carry (volumes of one round)
       egress_log: null                  # a JSONL file recording every reply that leaves the site
     metrics:
       port: null                        # fedvlp-site metrics serves Prometheus metrics here (e.g. 9101)
@@ -62,6 +64,9 @@ from typing import Any
 import yaml
 
 from shared_models.config import ModelConfig, PreprocessConfig, build_dataclass, load_model_config
+
+
+ANY_APP = "any"  # privacy.allowed_fab_hashes: any: the site runs every app version (an explicit choice)
 
 
 class SiteConfigError(ValueError):
@@ -118,7 +123,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     target_delta: float = 1e-5
     max_epsilon: float = 0.0
-    allowed_fab_hashes: list[str] = field(default_factory=list)
+    allowed_fab_hashes: Any = field(default_factory=list)  # a list of FAB hashes, or the string "any"
+    approvals_dir: str = "approved_apps"
+    max_num_examples: int = 100_000
     egress_log: str | None = None
 
 
@@ -194,6 +201,7 @@ def _resolve_paths(cfg: SiteConfig, base: Path) -> None:
     if cfg.model.endswith((".yaml", ".yml")):
         cfg.model = absolute(cfg.model) or cfg.model
     cfg.privacy.egress_log = absolute(cfg.privacy.egress_log)
+    cfg.privacy.approvals_dir = absolute(cfg.privacy.approvals_dir) or str(base / "approved_apps")
     cfg.data.dicom_root = absolute(cfg.data.dicom_root)
     cfg.data.nifti_manifest = absolute(cfg.data.nifti_manifest)
     if cfg.data.reports is not None:
@@ -246,10 +254,18 @@ def _validate(cfg: SiteConfig, path: Path, require_data: bool = True) -> None:
     if cfg.metrics.port is not None and not 0 < cfg.metrics.port < 65536:
         fail("metrics.port", f"should be a TCP port (1-65535) or null, got {cfg.metrics.port}.")
     priv = cfg.privacy
-    bad = [h for h in priv.allowed_fab_hashes if not re.fullmatch(r"[0-9a-fA-F]{64}", str(h))]
-    if bad:
-        fail("privacy.allowed_fab_hashes", f"{bad[0]!r} is not a FAB hash (64 hex characters; "
-                                           "fedvlp-site fab-hash PROJECT_DIR prints one).")
+    if priv.allowed_fab_hashes is None:
+        priv.allowed_fab_hashes = []
+    if priv.allowed_fab_hashes != ANY_APP:
+        if not isinstance(priv.allowed_fab_hashes, list):
+            fail("privacy.allowed_fab_hashes", f"should be a list of FAB hashes or the word {ANY_APP!r}, "
+                                               f"got {priv.allowed_fab_hashes!r}.")
+        bad = [h for h in priv.allowed_fab_hashes if not re.fullmatch(r"[0-9a-fA-F]{64}", str(h))]
+        if bad:
+            fail("privacy.allowed_fab_hashes", f"{bad[0]!r} is not a FAB hash (64 hex characters; "
+                                               "fedvlp-site approve PROJECT_DIR prints one and records it).")
+    if priv.max_num_examples < 1:
+        fail("privacy.max_num_examples", f"should be >= 1 (volumes one round may report), got {priv.max_num_examples}.")
     if not (priv.noise_multiplier > 0 and priv.max_grad_norm > 0 and 0 < priv.target_delta < 1
             and priv.max_epsilon >= 0):
         fail("privacy", "noise_multiplier and max_grad_norm should be > 0, target_delta in (0, 1), max_epsilon >= 0.")

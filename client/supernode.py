@@ -1,4 +1,12 @@
-"""Run ``flower-supernode`` and let a site rejoin after a crash.
+"""Run a site's ``flower-supernode`` beside its own runner, and let the site rejoin after a crash.
+
+    fedvlp-site supernode --config /etc/fedvlp/site.yaml -- FLOWER_SUPERNODE_ARGS...
+
+The SuperNode runs with ``--isolation process`` (added here; ``--isolation subprocess`` is refused), so
+it starts no app itself, and the site runner (:mod:`client.site_runner`, ``fedvlp-site runner``) takes
+every ClientApp task from the SuperNode's Runtime API (its ``--port``, on loopback). Both are started
+here and stopped together; if the runner dies, the SuperNode is stopped too (no app runs unvetted, and
+an init system or ``restart: unless-stopped`` brings both back).
 
 When a site's machine dies (no clean shutdown) and comes back within about a minute, the SuperLink
 still lists its previous session as online (until two heartbeat intervals, 60 s by default, after the
@@ -49,22 +57,24 @@ def live_processes(*, parent: int | None = None, group: int | None = None) -> li
     return found
 
 
-def _stop_leftovers() -> None:
-    """Terminate and reap this process's remaining children (the exited SuperNode's SuperExec)."""
-    found = live_processes(parent=os.getpid())
+def _stop_leftovers(keep: tuple[int, ...] = ()) -> None:
+    """Terminate and reap this process's remaining children but ``keep`` (what an exited SuperNode left)."""
+    found = [pid for pid in live_processes(parent=os.getpid()) if pid not in keep]
     for pid in found:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.1)
+    while found and time.time() < deadline:
+        for pid in list(found):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    found.remove(pid)
+            except ChildProcessError:  # not ours to wait for (an adopted orphan reaped elsewhere) or gone
+                if pid not in live_processes(parent=os.getpid()):
+                    found.remove(pid)
+        time.sleep(0.1)
     for pid in found:  # still there after 10 s
         try:
             os.kill(pid, signal.SIGKILL)
@@ -79,47 +89,99 @@ def _forward(stream, tail: deque) -> None:
         tail.append(line)
 
 
-def run_supernode(args: list[str], tries: int = 12, wait_s: float = 10.0) -> int:
-    """Run ``flower-supernode ARGS``; retry up to ``tries`` times while its activation is refused."""
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in ``args`` (the last one), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def process_isolation(args: list[str]) -> tuple[list[str], str]:
+    """flower-supernode's ``args`` with ``--isolation process``, and the Runtime API address the runner uses."""
+    isolation = _flag(args, "--isolation")
+    if isolation not in (None, "process"):
+        raise ValueError(f"--isolation {isolation}: this site runs its apps through its own runner; leave "
+                         "--isolation out (fedvlp-site supernode adds --isolation process).")
+    host = _flag(args, "--host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    port = _flag(args, "--port") or "9094"  # Flower's default Runtime API port
+    return (args if isolation else [*args, "--isolation", "process"]), f"{host}:{port}"
+
+
+def start_runner(site_config: str, runtime_api_address: str) -> subprocess.Popen:
+    """``fedvlp-site runner`` from this installation (never from a FAB), output to ours."""
+    return subprocess.Popen([sys.executable, "-m", "client.cli", "runner", "--config", site_config,
+                             "--runtime-api-address", runtime_api_address])
+
+
+def run_supernode(args: list[str], site_config: str, tries: int = 12, wait_s: float = 10.0) -> int:
+    """Run ``flower-supernode ARGS --isolation process`` and the site runner for ``site_config``; retry the
+    SuperNode up to ``tries`` times while its activation is refused. Returns the SuperNode's status."""
     executable = shutil.which("flower-supernode")
     if executable is None:
         raise FileNotFoundError("flower-supernode is not on PATH: install the project (pip install -e .) "
                                 "in the environment this command runs from.")
-    stopping = False
+    args, runtime_api_address = process_isolation(args)
+    stopping = runner_died = False
     child: subprocess.Popen | None = None
+    runner: subprocess.Popen | None = None
 
     def stop(signum, _frame) -> None:  # a stop of the wrapper stops the SuperNode and ends the retries
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        for process in (child, runner):
+            if process is not None and process.poll() is None:
+                process.send_signal(signum)
+
+    def watch_runner() -> None:  # without its runner the site must not take tasks: stop the SuperNode
+        nonlocal runner_died
+        runner.wait()
+        if not stopping:
+            runner_died = True
+            log.error("the site runner exited (status %s): stopping the SuperNode; see the log above", runner.returncode)
+            stop(signal.SIGTERM, None)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     _adopt_orphans()
+    runner = start_runner(site_config, runtime_api_address)
+    threading.Thread(target=watch_runner, daemon=True).start()
     try:
         rc = 1
         for attempt in range(1, tries + 1):
+            if stopping:
+                return rc
             child = subprocess.Popen([executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             tail: deque[bytes] = deque(maxlen=40)  # enough to see Flower's exit message, never the whole log
             reader = threading.Thread(target=_forward, args=(child.stdout, tail), daemon=True)
             reader.start()
             rc = child.wait()
-            _stop_leftovers()  # they hold the output pipe open too
+            _stop_leftovers(keep=(runner.pid,))  # they hold the output pipe open too
             reader.join(timeout=10)
+            if runner_died:
+                return rc or 1
             if stopping or rc == 0 or not any(REFUSED in line for line in tail):
                 return rc
             log.warning("the SuperLink refused to activate this SuperNode (attempt %d/%d). If this site restarted "
                         "less than a minute ago, its previous session is still listed as online; retrying in %.0f s. "
-                        "If it persists, check that the site's public key is registered (flwr supernode register) "
-                        "and that the SuperLink was not restarted (it keeps registrations in memory).",
+                        "If it persists, check that the site's public key is registered (flwr supernode register).",
                         attempt, tries, wait_s)
             deadline = time.time() + wait_s
             while not stopping and time.time() < deadline:
                 time.sleep(min(0.5, wait_s))
-            if stopping:
-                return rc
         log.error("gave up after %d refused activations", tries)
         return rc
     finally:
+        stopping = True
+        if runner.poll() is None:
+            runner.terminate()
+            try:
+                runner.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                runner.kill()
+                runner.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

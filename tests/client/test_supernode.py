@@ -1,5 +1,6 @@
-"""``fedvlp-site supernode``: a SuperNode refused because its crashed session is still listed as online
-is started again; anything else ends the command with the SuperNode's own status."""
+"""``fedvlp-site supernode``: the SuperNode runs with ``--isolation process`` beside the site runner, and
+both stop together; a SuperNode refused because its crashed session is still listed as online is started
+again; anything else ends the command with the SuperNode's own status."""
 
 from __future__ import annotations
 
@@ -39,10 +40,25 @@ esac
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
-def run_site(tmp_path: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "client.cli", "supernode", "--rejoin-wait", "0.2", *extra, "--",
-                             "--superlink", "h:1", "--port", "9"], env=env, stdout=subprocess.PIPE,
+def site_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text("site_id: s\ncache_dir: cache\ndata: {dicom_root: dicom, require_report: false}\n"
+                    "privacy: {allowed_fab_hashes: []}\n")
+    return path
+
+
+def run_site(tmp_path: Path, env: dict[str, str], *extra: str, flags=("--superlink", "h:1", "--port", "9")
+             ) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "client.cli", "supernode", "--config", str(site_yaml(tmp_path)),
+                             "--rejoin-wait", "0.2", *extra, "--", *flags], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def runners(tmp_path: Path) -> list[int]:
+    """The site runners started for this test's site YAML."""
+    out = subprocess.run(["pgrep", "-f", f"client.cli runner --config {tmp_path}/site.yaml"], capture_output=True,
+                         text=True)
+    return [int(pid) for pid in out.stdout.split()]
 
 
 @pytest.mark.parametrize("outcomes,expected_rc,expected_calls", [
@@ -57,23 +73,51 @@ def test_only_a_refused_activation_is_retried(tmp_path, outcomes, expected_rc, e
     out, err = site.communicate(timeout=60)
     assert site.returncode == expected_rc
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls == ["--superlink h:1 --port 9"] * expected_calls  # the arguments pass through unchanged
+    # the arguments pass through unchanged, the site's apps left to its runner
+    assert calls == ["--superlink h:1 --port 9 --isolation process"] * expected_calls
     refusals = sum(o.startswith("refused") for o in outcomes)
     assert out.count("Exit Code: 305") == min(refusals, expected_calls)  # output passes through
     assert ("refused to activate" in err) == outcomes[0].startswith("refused")
     leftovers = subprocess.run(["pgrep", "-f", f"fake-superexec-{tmp_path.name}"], capture_output=True, text=True)
     assert leftovers.stdout == ""  # what the refused SuperNode left running was stopped
+    assert runners(tmp_path) == []  # and the site runner with it
 
 
-def test_a_stop_reaches_the_supernode_and_ends_the_retries(tmp_path):
+def test_a_stop_reaches_the_supernode_and_the_runner_and_ends_the_retries(tmp_path):
     site = run_site(tmp_path, fake_supernode(tmp_path, ["hang", "ok"]))
     assert site.stdout.readline().strip() == "started"
+    deadline = time.time() + 60
+    while not (found := runners(tmp_path)):  # the runner runs beside the SuperNode
+        assert time.time() < deadline, "the site runner never started"
+        time.sleep(0.2)
+    command = Path(f"/proc/{found[0]}/cmdline").read_bytes().split(b"\0")
+    assert command[command.index(b"--runtime-api-address") + 1] == b"127.0.0.1:9"  # the SuperNode's --port
     site.send_signal(signal.SIGTERM)
-    site.communicate(timeout=30)
+    site.communicate(timeout=60)
     assert site.returncode != 0  # the SuperNode's status after the signal, not a fresh start's
     assert len((tmp_path / "calls").read_text().splitlines()) == 1
+    assert runners(tmp_path) == []
 
 
-def test_without_arguments_it_says_what_to_pass(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "client.cli", "supernode"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--superlink" in out.stderr
+def test_a_dead_runner_stops_the_supernode(tmp_path):
+    site = run_site(tmp_path, fake_supernode(tmp_path, ["hang", "ok"]))
+    assert site.stdout.readline().strip() == "started"
+    deadline = time.time() + 60
+    while not (found := runners(tmp_path)):
+        assert time.time() < deadline, "the site runner never started"
+        time.sleep(0.2)
+    os.kill(found[0], signal.SIGKILL)
+    _, err = site.communicate(timeout=60)
+    assert site.returncode != 0 and "the site runner exited" in err
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1  # not restarted without its runner
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["supernode", "--config", "site.yaml"], "--superlink"),
+    (["supernode", "--config", "SITE", "--", "--superlink", "h:1", "--isolation", "subprocess"],
+     "--isolation subprocess: this site runs its apps through its own runner"),
+])
+def test_wrong_arguments_are_named(tmp_path, argv, message):
+    argv = [str(site_yaml(tmp_path)) if a == "SITE" else a for a in argv]
+    out = subprocess.run([sys.executable, "-m", "client.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr
