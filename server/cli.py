@@ -5,6 +5,10 @@
     fedvlp-server train-central --recipe tiny --sites a/site.yaml b/site.yaml --run-dir runs/central
     fedvlp-server evaluate --checkpoint RUN/checkpoints/round_0003/global.safetensors --data COHORT --out DIR
         COHORT: an ingested cohort's cache folder, its manifest.jsonl, or its site YAML
+    fedvlp-server fleet-gateway --listen 0.0.0.0:9093 --superlink 127.0.0.1:9092 --certs CERT_DIR
+        the sites' port: passes the SuperLink's Fleet API only (server/fleet_gateway.py)
+    fedvlp-server superlink -- FLOWER_SUPERLINK_ARGS   flower-superlink, its --database fit for many sites
+        (server/superlink.py)
 """
 
 from __future__ import annotations
@@ -45,7 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write the Markdown report of a run folder")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("fleet-gateway", help="the sites' port: a TLS proxy passing the SuperLink's Fleet API only")
+    p.add_argument("--listen", default="0.0.0.0:9093", help="HOST:PORT the sites connect to (default 0.0.0.0:9093)")
+    p.add_argument("--superlink", default="127.0.0.1:9092", help="the SuperLink's own HOST:PORT (default 127.0.0.1:9092)")
+    p.add_argument("--certs", required=True, help="folder with ca.crt, superlink.crt, superlink.key (deploy/make_certs.py)")
+    p = sub.add_parser("superlink", help="flower-superlink with its arguments, the object store in memory and a "
+                       "longer database busy timeout (server/superlink.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then flower-superlink's own arguments")
     args = parser.parse_args(argv)
+    if args.command == "superlink":  # Flower configures its own logging and signal handling
+        from .superlink import main as run_superlink
+
+        run_superlink(args.args[1:] if args.args[:1] == ["--"] else args.args)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM (e.g. from a CI runner or `kill`) unwinds like Ctrl-C, so started processes are stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -54,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
 
         report = run_demo(args.out, args.rounds, args.local_steps, args.studies, args.central_studies)
         print(report.read_text())
+        return 0
+    if args.command == "fleet-gateway":
+        from pathlib import Path
+
+        from .fleet_gateway import serve
+
+        certs = Path(args.certs)
+        missing = [name for name in ("ca.crt", "superlink.crt", "superlink.key") if not (certs / name).is_file()]
+        if missing:
+            print(f"configuration error: {certs} lacks {', '.join(missing)} (deploy/make_certs.py makes them)",
+                  file=sys.stderr)
+            return 2
+        serve(args.listen, args.superlink, certs / "superlink.crt", certs / "superlink.key", certs / "ca.crt")
         return 0
     if args.command == "train-central":
         import yaml

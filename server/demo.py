@@ -70,6 +70,14 @@ def prepare_cohorts(out: Path, studies: int, central_studies: int, preset: str) 
     return [yamls[name] for name, *_ in SITES], yamls["central"]
 
 
+def approve_app(site_yamls: list[Path], app: Path = REPO) -> None:
+    """Each site allows the app version it is about to run (``fedvlp-site approve``): a site's runner refuses
+    any other. Call it right before ``flwr run APP``: a change of the app's files changes its hash."""
+    for site_yaml in site_yamls:
+        subprocess.run(_site_command("approve", str(app), "--config", str(site_yaml), "--yes"), check=True,
+                       stdout=subprocess.DEVNULL)
+
+
 def save_site_metrics(folder: Path, names: list[str], ports: list[int]) -> None:
     """Each site exporter's final scrape, as Prometheus would see it, in ``folder/SITE.prom``."""
     import urllib.request
@@ -92,7 +100,8 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 8, studies: in
     out.mkdir(parents=True)
     started = time.time()
     site_yamls, central_yaml = prepare_cohorts(out, studies, central_studies, "tiny")
-    log.info("cohorts ready in %.0f s", time.time() - started)
+    approve_app(site_yamls)
+    log.info("cohorts ready and the app approved at each site in %.0f s", time.time() - started)
     run_dir = out / "run"
     metrics_port = free_port()
     run_config = {"recipe": recipe, "run-dir": str(run_dir), "num-rounds": rounds, "local-steps": local_steps,

@@ -1,13 +1,18 @@
 """A real Flower federation on loopback: one SuperLink and one SuperNode per site, as subprocesses.
 
-The same stock commands a federation operator and site operators run (``flower-superlink``,
-``flower-supernode --node-config 'site-config="/abs/site.yaml"'``, ``flwr run``), started and stopped
-for the local demo and the end-to-end tests. Every process is started in its own session and killed
-with its children on exit, also on Ctrl-C or failure. ``FLWR_HOME`` points into the work folder.
+The same commands a federation operator and site operators run (``fedvlp-server superlink -- --database``,
+``fedvlp-server fleet-gateway``, ``fedvlp-site supernode --config SITE.yaml -- ...``: a SuperNode with
+``--isolation process`` and the site's own runner; ``flwr run``), started and stopped for the local demo
+and the end-to-end tests. Every process is started in its own session and killed with its children on
+exit, also on Ctrl-C or failure. ``FLWR_HOME`` points into the work folder.
 
-Secure by default, as a real deployment is: a CA and a SuperLink certificate for TLS, one ECDSA key
-per SuperNode registered with the SuperLink (``--enable-supernode-auth``), all made in
-``WORKDIR/certs`` by :mod:`server.tls`. ``secure=False`` runs plaintext without node authentication.
+Secure by default, as the deploy kit is: a CA and a SuperLink certificate for TLS, one ECDSA key per
+SuperNode registered with the SuperLink (``--enable-supernode-auth``), all made in ``WORKDIR/certs`` by
+:mod:`server.tls`; the SuperLink's one port (Fleet, Control and Runtime APIs) serves the ``flwr``
+commands, and the sites reach it through the Fleet gateway (:mod:`server.fleet_gateway`, the Fleet API
+only). The SuperLink keeps its state in ``WORKDIR/superlink.db``, so a restarted SuperLink
+(:meth:`LocalFederation.restart_superlink`) keeps the registered sites and the runs. ``secure=False``
+runs plaintext without node authentication or gateway.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from .tls import make_ca, make_node_key, make_server_cert
 CONNECTION = "local-deployment"
 
 
-# A restarted SuperNode is refused until the SuperLink marks its previous session offline; sites run it
-# through `fedvlp-site supernode`, which retries that refusal (client/supernode.py)
-SUPERNODE = ["fedvlp-site", "supernode", "--rejoin-wait", "5", "--"]
+# Sites run their SuperNode through `fedvlp-site supernode` (client/supernode.py): with --isolation process and
+# the site runner, which vets each FAB and filters each reply; it also retries the refusal a SuperNode
+# restarted right after a crash gets until the SuperLink marks its previous session offline
+SUPERNODE = ["fedvlp-site", "supernode", "--rejoin-wait", "5"]
 
 
 def free_port() -> int:
@@ -78,6 +84,13 @@ def processes_using(addresses: list[str]) -> list[int]:
     return found
 
 
+def _process_group(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
     """Signal the process group a process leads (it was started in its own session)."""
     try:
@@ -105,7 +118,10 @@ class LocalFederation:
         self.logs = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr_home"
         self.port = 0
+        self.fleet_port = 0  # the Fleet gateway's port (the SuperLink's own port when not secure)
+        self.database = self.workdir / "superlink.db"
         self.superlink: subprocess.Popen | None = None
+        self.gateway: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen | None] = [None] * len(self.site_configs)
         self.node_ports = [0] * len(self.site_configs)
         self.exporters: list[subprocess.Popen] = []
@@ -124,27 +140,60 @@ class LocalFederation:
     def start(self, via: dict[int, str] | None = None) -> "LocalFederation":
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        # Flower 1.41 serves its Runtime, Control and Fleet APIs on this one port
         if self.secure:
             make_ca(self.certs)
             make_server_cert(self.certs, self.certs, ["127.0.0.1", "localhost"])
-            security = ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.certs / "superlink.crt"),
-                        "--ssl-keyfile", str(self.certs / "superlink.key"), "--enable-supernode-auth"]
             trust = f'root-certificates = "{self.ca}"'
         else:
-            security, trust = ["--insecure"], "insecure = true"
-        self.superlink = self._spawn("superlink", [
-            "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
-        ])  # in-memory state: a file database gave "database is locked" under 3 concurrent uploads
+            trust = "insecure = true"
+        self.start_superlink()
         self.address = f"127.0.0.1:{self.port}"
-        wait_for_port(self.port, process=self.superlink)
         (self.flwr_home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n')
+        self.fleet_port = self.port
+        if self.secure:  # the sites' door: the Fleet API only (the Control API stays on the SuperLink's port)
+            self.fleet_port = free_port()
+            self.gateway = self._spawn("fleet_gateway", [
+                "fedvlp-server", "fleet-gateway", "--listen", f"127.0.0.1:{self.fleet_port}",
+                "--superlink", self.address, "--certs", str(self.certs)])
+            wait_for_port(self.fleet_port, process=self.gateway)
+        self.fleet_address = f"127.0.0.1:{self.fleet_port}"
         for i in range(len(self.site_configs)):
             if self.secure:
                 self.register_key(self.node_key(i)[1])
             self.start_node(i, (via or {}).get(i))
         return self
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink on ``self.port`` with its state in ``self.database`` (kept across restarts)."""
+        if self.secure:
+            security = ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.certs / "superlink.crt"),
+                        "--ssl-keyfile", str(self.certs / "superlink.key"), "--enable-supernode-auth"]
+        else:
+            security = ["--insecure"]
+        # Flower 1.41 serves its Runtime, Control and Fleet APIs on this one port
+        # flower-superlink through server/superlink.py: its database holds the state, its objects stay in memory
+        self.superlink = self._spawn("superlink", [
+            "fedvlp-server", "superlink", "--", *security, "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.database), "--disable-runtime-dependency-installation",
+        ])
+        wait_for_port(self.port, process=self.superlink)
+
+    def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the SuperLink (SIGKILL: as if its machine died; its ServerApp dies with it) and start it again
+        on the same port and database. The sites are left running: they reconnect by themselves."""
+        keep = {p.pid for p in [*self.nodes, self.gateway, *self.exporters] if p is not None}
+        _signal_group(self.superlink, sig)
+        self.superlink.wait(timeout=30)
+        deadline = time.time() + 10  # the killed SuperLink's SuperExec and ServerApp, in sessions of their own
+        while (left := [pid for pid in processes_using([self.address]) if _process_group(pid) not in keep]) \
+                and time.time() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        self.start_superlink()
 
     @property
     def ca(self) -> Path:
@@ -171,10 +220,12 @@ class LocalFederation:
         return ["--root-certificates", str(self.ca), "--auth-supernode-private-key", str(key or self.node_key(i)[0])]
 
     def start_node(self, i: int, via: str | None = None) -> None:
-        """Start (or restart) the SuperNode of site ``i`` (``via``: another address that reaches the SuperLink)."""
+        """Start (or restart) site ``i``: its SuperNode and site runner (``via``: another address that reaches
+        the Fleet API)."""
         self.node_ports[i] = self.node_ports[i] or free_port()
         self.nodes[i] = self._spawn(f"supernode_{i}", [
-            *SUPERNODE, *self.supernode_args(i), "--superlink", via or self.address, "--port", str(self.node_ports[i]),
+            *SUPERNODE, "--config", self.site_configs[i], "--", *self.supernode_args(i),
+            "--superlink", via or self.fleet_address, "--port", str(self.node_ports[i]),
             "--node-config", f'site-config="{self.site_configs[i]}"',
         ])
 
@@ -213,7 +264,7 @@ class LocalFederation:
     def stop(self) -> None:
         """Stop every process group started here, also those whose leader already died (their children,
         e.g. the ServerApp of a killed SuperLink, are in the same group)."""
-        started = [p for p in [*self.nodes, self.superlink, *self.exporters] if p is not None]
+        started = [p for p in [*self.nodes, self.gateway, self.superlink, *self.exporters] if p is not None]
         for process in started:
             _signal_group(process, signal.SIGTERM)
         deadline = time.time() + 15
@@ -233,12 +284,12 @@ class LocalFederation:
                     pass
             time.sleep(0.1)
         self.nodes = [None] * len(self.site_configs)
-        self.superlink = None
+        self.superlink = self.gateway = None
         self.exporters = []
 
     def addresses(self) -> list[str]:
         """The loopback addresses of this federation's SuperLink and SuperNodes."""
-        return [f"127.0.0.1:{port}" for port in [self.port, *self.node_ports] if port]
+        return [f"127.0.0.1:{port}" for port in {self.port, self.fleet_port, *self.node_ports} if port]
 
     def __enter__(self) -> "LocalFederation":
         try:

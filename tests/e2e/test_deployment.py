@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def cohort(tmp_path_factory):
         assert site_cli(["synth", "--out", str(folder), "--profile", profile, "--studies", "4", "--seed", str(i)]) == 0
         config = {"site_id": f"site{i}", "model": str(model_yaml), "cache_dir": "cache",
                   "data": {"dicom_root": "dicom", "nifti_manifest": "nifti_manifest.csv", "reports": {"path": "reports.csv"}},
-                  "compute": {"batch_size": 2, "workers": 0, "threads": 1}}
+                  "compute": {"batch_size": 2, "workers": 0, "threads": 1},
+                  # these tests are not about which app versions run (tests/e2e/test_security.py is): any
+                  "privacy": {"allowed_fab_hashes": "any"}}
         (folder / "site.yaml").write_text(yaml.safe_dump(config))
         assert site_cli(["ingest", "--config", str(folder / "site.yaml"), "--quiet", "--workers", "0"]) == 0
         sites.append(folder / "site.yaml")
@@ -58,6 +61,18 @@ def preset_override(cohort, run_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def app_snapshot(folder: Path) -> Path:
+    """A copy of this app's files: what ``flwr run`` sends stays the same for the whole test, whatever is
+    edited in the checkout meanwhile (and what a site approves is what then runs)."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    shutil.copy(REPO / "pyproject.toml", folder)
+    for package in ("client", "server", "shared_models"):
+        shutil.copytree(REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
 
 
 def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
@@ -136,29 +151,52 @@ def test_two_rounds_on_two_supernodes_watched_by_both_exporters(cohort, tmp_path
         assert str(cohort["root"]) not in text and f"site{i}" not in text and "SYN-" not in text
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(cohort, tmp_path):
+def registrations(fed: LocalFederation) -> int:
+    log = fed.logs / "register.log"
+    return log.read_text(errors="replace").count("registered successfully") if log.is_file() else 0
+
+
+def listed_runs(fed: LocalFederation) -> list[dict]:
+    out = subprocess.run(["flwr", "ls", "local-deployment", "--format", "json"], env=fed.env, cwd=fed.workdir,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)["runs"]
+
+
+def test_a_superlink_restarted_mid_run_keeps_its_sites_and_the_run_resumes_to_the_uninterrupted_result(cohort, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    app = app_snapshot(tmp_path / "app")  # both runs run the same code
     with LocalFederation(tmp_path / "fed_a", cohort["sites"][:2]) as fed:
-        done = fed.run(REPO, run_config(cohort, straight, 4, recipe=str(preset_override(cohort, straight)), seed=7))
+        done = fed.run(app, run_config(cohort, straight, 4, recipe=str(preset_override(cohort, straight)), seed=7))
         assert done.returncode == 0
+    assert RunFolder(straight).latest().round == 4  # `flwr run --stream` exits 0 even when the ServerApp fails
     recipe = preset_override(cohort, resumed)
+    config = run_config(cohort, resumed, 4, recipe=str(recipe), seed=7)
     fed = LocalFederation(tmp_path / "fed_b", cohort["sites"][:2])
-    with fed:  # crash: the SuperLink (and with it the ServerApp) dies during round 3
-        run = fed.run_async(REPO, run_config(cohort, resumed, 4, recipe=str(recipe), seed=7))
+    with fed:
+        run = fed.run_async(app, config)
         deadline = time.time() + 600
         while not (resumed / "checkpoints" / "round_0002" / "state.json").is_file():
             assert time.time() < deadline and run.poll() is None, "round 2 never completed"
             time.sleep(0.5)
-        fed.superlink.send_signal(signal.SIGKILL)
-        run.wait(timeout=60)
+        sites, registered = [node.pid for node in fed.nodes], registrations(fed)
+        old_superlink = fed.superlink.pid
+        fed.restart_superlink()  # SIGKILL during round 3: the SuperLink's ServerApp dies with it; its database stays
+        assert live_processes(group=old_superlink) == []
+        try:  # the operator's `flwr run --stream` of the killed run
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+        assert RunFolder(resumed).latest().round == 2
+        again = fed.run(app, config, log_name="run_again")  # the same run-dir: resumes from its checkpoint
+        assert again.returncode == 0, (fed.logs / "run_again.log").read_text()[-3000:]
+        assert [node.pid for node in fed.nodes] == sites and all(node.poll() is None for node in fed.nodes)
+        assert registrations(fed) == registered == 2  # the sites were not registered again
+        assert len(listed_runs(fed)) == 2  # the restarted SuperLink still knows the first run
         groups = [fed.superlink.pid, *(node.pid for node in fed.nodes)]
     assert all(live_processes(group=g) == [] for g in groups)
-    assert processes_using(fed.addresses()) == []  # the killed SuperLink's ServerApp did not outlive it
-    assert RunFolder(resumed).latest().round == 2
-    with LocalFederation(tmp_path / "fed_c", cohort["sites"][:2]) as fed:
-        again = fed.run(REPO, run_config(cohort, resumed, 4, recipe=str(recipe), seed=7))
-        assert again.returncode == 0
-    assert "resuming" in (tmp_path / "fed_c" / "logs" / "run.log").read_text()
+    assert processes_using(fed.addresses()) == []
+    assert "resuming" in (fed.logs / "run_again.log").read_text()
     a, b = final_arrays(straight), final_arrays(resumed)
     assert RunFolder(resumed).latest().round == 4
     worst = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)

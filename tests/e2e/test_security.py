@@ -1,23 +1,30 @@
-"""Transport security and egress on a real deployment: TLS, SuperNode authentication, and every byte a
-site sends checked for identifiers.
+"""Transport security and egress on a real deployment: TLS, SuperNode authentication, the Fleet gateway,
+the site runner's app policy against a hostile app, and every byte each site sends checked for identifiers.
 
-The federation is the same as tests/e2e/test_deployment.py (its ``cohort`` fixture is reused).
+The federation is the same as tests/e2e/test_deployment.py (its ``cohort`` fixture is reused). What a
+site sends is read on the SuperNode's side of its TLS connection: a relay with a certificate of the
+federation's CA sits between the SuperNode and the Fleet gateway and keeps the decrypted bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import pytest
+import httpx
+import yaml
 
+from client.cli import main as site_cli
 from client.ingest.cache import read_manifest
 from client.site_config import load_site_config
 from server.local_federation import LocalFederation, free_port, processes_using
+from server.tls import make_server_cert
 
 
 def _deployment_module():
@@ -32,6 +39,7 @@ def _deployment_module():
 
 _deployment = _deployment_module()
 REPO, preset_override, run_config = _deployment.REPO, _deployment.preset_override, _deployment.run_config
+app_snapshot = _deployment.app_snapshot
 cohort = _deployment.cohort  # the module-scoped fixture: three small ingested synthetic sites
 
 
@@ -58,14 +66,15 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def extra_supernode(fed: LocalFederation, site_yaml: Path, name: str, args: list[str]) -> subprocess.Popen:
-    return fed._spawn(name, ["flower-supernode", *args, "--superlink", fed.address, "--port", str(free_port()),
+    return fed._spawn(name, ["flower-supernode", *args, "--superlink", fed.fleet_address, "--port", str(free_port()),
                              "--max-retries", "3", "--max-wait-time", "20",
                              "--node-config", f'site-config="{site_yaml}"'])
 
 
-def test_tls_and_node_auth_admit_registered_sites_only(cohort, tmp_path):
+def test_tls_node_auth_and_the_gateway_admit_registered_sites_to_the_fleet_api_only(cohort, tmp_path):
     with LocalFederation(tmp_path / "fed", cohort["sites"][:1]) as fed:
         assert fed.secure and "--enable-supernode-auth" in (fed.superlink.args)
+        assert "--database" in fed.superlink.args and fed.fleet_port != fed.port
         wait_until(lambda: len(connected_nodes(fed)) == 1, 90, "the registered SuperNode to connect")
 
         unregistered_key = fed.node_key("intruder")[0]  # a valid key pair the operator never registered
@@ -85,57 +94,96 @@ def test_tls_and_node_auth_admit_registered_sites_only(cohort, tmp_path):
         for process in (intruder, plaintext):
             if process.poll() is None:
                 process.kill()
-        # and a plain-HTTP request to the TLS port gets no answer
-        with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            s.settimeout(10)
-            try:
-                answer = s.recv(100)
-            except (socket.timeout, ConnectionResetError):
-                answer = b""
-        assert not answer.startswith(b"HTTP/1.1 2")
+        # the sites' port serves the Fleet API only: no run can be listed or submitted through it
+        for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task"):
+            answer = httpx.post(f"https://127.0.0.1:{fed.fleet_port}{path}", content=b"", verify=str(fed.ca), timeout=30)
+            assert answer.status_code == 404, (path, answer.status_code)
+        home = fed.flwr_home / "config.toml"
+        home.write_text(home.read_text() + f'[superlink.gateway]\naddress = "{fed.fleet_address}"\n'
+                                           f'root-certificates = "{fed.ca}"\n')
+        refused = subprocess.run(["flwr", "ls", "gateway"], env=fed.env, cwd=fed.workdir, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode != 0
+        assert "refused POST /v1/control/" in node_log(fed, "fleet_gateway")
+        # and a plain-HTTP request to either TLS port gets no answer
+        for port in (fed.port, fed.fleet_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.settimeout(10)
+                try:
+                    answer = s.recv(100)
+                except (socket.timeout, ConnectionResetError):
+                    answer = b""
+            assert not answer.startswith(b"HTTP/1.1 2")
     assert processes_using(fed.addresses()) == []
 
 
-class RecordingProxy:
-    """A TCP relay from a SuperNode to the SuperLink that keeps every byte the SuperNode sends."""
+class RecordingTlsProxy:
+    """A TLS relay from a SuperNode to the Fleet gateway that keeps every byte the SuperNode sends, decrypted:
+    the SuperNode's side of its connection. It shows a certificate of the federation's CA (made with the CA
+    key in ``certs``), so the SuperNode's check of the certificate passes as it does for the gateway."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.target: int | None = None
-        self.sent = bytearray()
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
+    def __init__(self, certs: Path, name: str, target: int) -> None:
+        cert, key = make_server_cert(certs, certs, ["127.0.0.1"], name=f"relay-{name}")
+        self.server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server_tls.load_cert_chain(cert, key)
+        self.client_tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        self.port, self.target, self.sent = free_port(), target, bytearray()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            self._relay, "127.0.0.1", self.port, ssl=self.server_tls), self.loop).result(timeout=30)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+    async def _relay(self, reader, writer) -> None:
         try:
-            while data := src.recv(65536):
-                if record:
-                    with self._lock:
-                        self.sent += data
-                dst.sendall(data)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target, ssl=self.client_tls,
+                                                                 server_hostname="127.0.0.1")
         except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+
+    async def _pipe(self, reader, writer, record: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if record:
+                    self.sent += data
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ssl.SSLError):
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            writer.close()
 
     def close(self) -> None:
-        self._server.close()
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def recorded_federation(workdir: Path, sites: list[Path]) -> tuple[LocalFederation, dict[int, RecordingTlsProxy]]:
+    """A secure federation whose every site connects through a :class:`RecordingTlsProxy`."""
+    fed, proxies = LocalFederation(workdir, sites), {}
+    original_start = fed.start_node
+
+    def start_node(i, via=None):
+        proxies[i] = proxies.get(i) or RecordingTlsProxy(fed.certs, str(i), fed.fleet_port)
+        original_start(i, f"127.0.0.1:{proxies[i].port}")
+
+    fed.start_node = start_node
+    return fed, proxies
+
+
+def site_yaml_with(cohort_site: Path, out: Path, privacy: dict) -> Path:
+    """A copy of a cohort site's YAML (absolute paths) with another ``privacy`` section."""
+    raw = yaml.safe_load(cohort_site.read_text())
+    folder = cohort_site.parent
+    raw["cache_dir"] = str(folder / raw["cache_dir"])
+    for key in ("dicom_root", "nifti_manifest"):
+        raw["data"][key] = str(folder / raw["data"][key])
+    raw["data"]["reports"]["path"] = str(folder / raw["data"]["reports"]["path"])
+    raw["privacy"] = privacy
+    out.write_text(yaml.safe_dump(raw))
+    return out
 
 
 def identifiers(site_yaml: Path) -> dict[str, set[str]]:
@@ -157,77 +205,90 @@ def identifiers(site_yaml: Path) -> dict[str, set[str]]:
     return {k: {v for v in values if v and len(v) >= 6} for k, values in found.items()}
 
 
-def test_no_identifier_leaves_a_site(cohort, tmp_path):
-    """Every byte site 0 sends over a 2-round run (registration, heartbeats, pulls, replies) is recorded
-    on the wire and searched for the site's identifiers; the replies also pass the egress log."""
-    site_yaml = cohort["sites"][0]
-    audit_yaml = tmp_path / "site0.yaml"
-    config = load_site_config(site_yaml)
-    raw = json.loads(json.dumps({"site_id": config.site_id, "model": config.model, "cache_dir": config.cache_dir,
-                                 "data": {"dicom_root": config.data.dicom_root,
-                                          "nifti_manifest": config.data.nifti_manifest,
-                                          "reports": {"path": config.data.reports.path}},
-                                 "compute": {"batch_size": 2, "workers": 0, "threads": 1},
-                                 "privacy": {"egress_log": str(tmp_path / "egress.jsonl")}}))
-    import yaml
-
-    audit_yaml.write_text(yaml.safe_dump(raw))
-    proxy = RecordingProxy()
+def test_no_identifier_leaves_any_site(cohort, tmp_path):
+    """Every byte each site sends over a 2-round run with TLS on (registration, heartbeats, pulls, replies) is
+    read on the SuperNode's side of its TLS connection and searched for every site's identifiers; each
+    site's egress log shows the replies that left."""
+    sites = [site_yaml_with(cohort["sites"][i], tmp_path / f"site{i}.yaml",
+                            {"allowed_fab_hashes": "any", "egress_log": str(tmp_path / f"egress{i}.jsonl")})
+             for i in range(2)]
     run_dir = tmp_path / "run"
-    fed = LocalFederation(tmp_path / "fed", [audit_yaml, cohort["sites"][1]], secure=False)
+    fed, proxies = recorded_federation(tmp_path / "fed", sites)
     try:
-        original_start = fed.start_node
-
-        def start_node(i, via=None):
-            if i == 0:
-                proxy.target = fed.port
-                via = f"127.0.0.1:{proxy.port}"
-            original_start(i, via)
-
-        fed.start_node = start_node
         with fed:
             result = fed.run(REPO, run_config(cohort, run_dir, 2, recipe=str(preset_override(cohort, run_dir))),
-                             timeout=600)
+                             timeout=900)
             assert result.returncode == 0, (fed.logs / "run.log").read_text()[-3000:]
     finally:
-        proxy.close()
-    wire = bytes(proxy.sent)
-    assert b"num-examples" in wire and b"train-loss" in wire  # the recording holds the replies, uncompressed
-    assert len(wire) > 2 * 1_000_000  # two rounds of weights went through
-    leaks = {kind: sorted(v for v in values if v.encode() in wire) for kind, values in identifiers(audit_yaml).items()}
-    assert all(not found for found in leaks.values()), leaks
-    egress = [json.loads(line) for line in (tmp_path / "egress.jsonl").read_text().splitlines()]
-    assert len(egress) == 2 and all("arrays" in e and e["metrics"]["num-examples"] > 0 for e in egress)
+        for proxy in proxies.values():
+            proxy.close()
+    secrets = [identifiers(site) for site in sites]
+    for i, proxy in proxies.items():
+        wire = bytes(proxy.sent)
+        assert b"num-examples" in wire and b"train-loss" in wire  # the recording holds the replies, decrypted
+        assert len(wire) > 2 * 1_000_000  # two rounds of weights went through
+        leaks = {(j, kind): sorted(v for v in values if v.encode() in wire)
+                 for j, found in enumerate(secrets) for kind, values in found.items()}
+        assert all(not found for found in leaks.values()), (i, leaks)
+        egress = [json.loads(line) for line in (tmp_path / f"egress{i}.jsonl").read_text().splitlines()]
+        assert len(egress) == 2 and all(e["site_runner"] and e["metrics"]["num-examples"] > 0 for e in egress)
+        assert all(e["fab_hash"] == egress[0]["fab_hash"] and not e.get("dropped") for e in egress)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["participation"]["valid"] for h in history] == [2, 2]
 
 
-def test_a_site_pinned_to_other_app_versions_refuses_this_one(cohort, tmp_path):
-    """Site 0 allows the FAB ``flwr run`` sends (its hash computed as a site operator would); site 1
-    allows only another version and refuses, with an error the server records."""
-    import yaml
+def test_a_hostile_app_never_runs_where_pinned_and_sends_only_the_filtered_reply_where_any_app_runs(
+        cohort, tmp_path, hostile_app_writer):
+    """Site 0 approved this app (``fedvlp-site approve``); site 1 runs any app. A hostile FAB (no mods; it
+    replies with a report sentence in a metric, an extra array and a config record) is refused at site 0
+    before any of it is imported, and at site 1 its reply leaves filtered. Then this app runs at both."""
+    honest = app_snapshot(tmp_path / "honest")
+    hostile = hostile_app_writer(tmp_path / "hostile", tmp_path / "markers", repo=REPO)
+    pinned = site_yaml_with(cohort["sites"][0], tmp_path / "pinned.yaml",
+                            {"egress_log": str(tmp_path / "egress0.jsonl")})
+    open_site = site_yaml_with(cohort["sites"][1], tmp_path / "open.yaml",
+                               {"allowed_fab_hashes": "any", "egress_log": str(tmp_path / "egress1.jsonl")})
+    assert site_cli(["approve", str(honest), "--config", str(pinned), "--yes"]) == 0
+    caches = [Path(load_site_config(site).cache_dir) for site in (pinned, open_site)]
+    hostile_hash = _hash_of(hostile)
+    fed, proxies = recorded_federation(tmp_path / "fed", [pinned, open_site])
+    try:
+        with fed:
+            runs = {}
+            for name, app in (("hostile", hostile), ("honest", honest)):
+                runs[name] = tmp_path / f"run_{name}"
+                result = fed.run(app, run_config(cohort, runs[name], 1, recipe=str(preset_override(cohort, runs[name])),
+                                                 **{"min-replies": 1}), timeout=900, log_name=f"run_{name}")
+                assert result.returncode == 0, (fed.logs / f"run_{name}.log").read_text()[-3000:]
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
+    (hostile_round,) = [json.loads(x) for x in (runs["hostile"] / "history.jsonl").read_text().splitlines()]
+    assert hostile_round["participation"]["valid"] == 1  # site 1's filtered reply
+    (error,) = hostile_round["participation"]["errors"]
+    assert f"refuses to run FAB {hostile_hash}" in error["reason"]
+    imported = [marker.read_text() for marker in (tmp_path / "markers").glob("imported-*")]
+    assert imported and all(str(caches[1]) in where for where in imported)  # imported at site 1 only
+    site0 = node_log(fed, "supernode_0")
+    assert f"refuses to run FAB {hostile_hash}" in site0 and f"FAB {hostile_hash} is allowed" not in site0
+    sentence = next((tmp_path / "markers").glob("ran-*")).read_text()
+    assert len(sentence) > 25 and sentence.encode() in (caches[1] / "manifest.jsonl").read_bytes()
+    for proxy in proxies.values():
+        wire = bytes(proxy.sent)
+        assert b"num-examples" in wire and sentence.encode() not in wire and b"exfiltrated" not in wire
+    (refusal,) = [json.loads(x) for x in (tmp_path / "egress0.jsonl").read_text().splitlines()
+                  if json.loads(x)["fab_hash"] == hostile_hash]
+    assert "refuses" in refusal["error"]["reason"]
+    (filtered,) = [json.loads(x) for x in (tmp_path / "egress1.jsonl").read_text().splitlines()
+                   if json.loads(x)["fab_hash"] == hostile_hash]
+    assert filtered["metrics"] == {"num-examples": 1}
+    assert {"array arrays.exfiltrated-report-bytes", "config record 'exfiltrated-config'",
+            "array record 'exfiltrated-arrays'", "metric metrics.train-loss (list)"} <= set(filtered["dropped"])
+    (honest_round,) = [json.loads(x) for x in (runs["honest"] / "history.jsonl").read_text().splitlines()]
+    assert honest_round["participation"]["valid"] == 2  # the approved version runs at the pinned site
 
+
+def _hash_of(app: Path) -> str:
     from client.fab_pinning import fab_hash_of_project
 
-    this_app = fab_hash_of_project(REPO)
-    pinned = []
-    for i, allowed in enumerate([[this_app], ["0" * 64]]):
-        raw = yaml.safe_load(Path(cohort["sites"][i]).read_text())
-        raw["privacy"] = {"allowed_fab_hashes": allowed}
-        raw["cache_dir"] = str(Path(cohort["sites"][i]).parent / raw["cache_dir"])
-        for key in ("dicom_root", "nifti_manifest"):
-            raw["data"][key] = str(Path(cohort["sites"][i]).parent / raw["data"][key])
-        raw["data"]["reports"]["path"] = str(Path(cohort["sites"][i]).parent / raw["data"]["reports"]["path"])
-        path = tmp_path / f"pinned{i}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        pinned.append(path)
-    run_dir = tmp_path / "run"
-    with LocalFederation(tmp_path / "fed", pinned) as fed:
-        result = fed.run(REPO, run_config(cohort, run_dir, 1, recipe=str(preset_override(cohort, run_dir)),
-                                          **{"min-replies": 1}), timeout=600)
-        assert result.returncode == 0, (fed.logs / "run.log").read_text()[-3000:]
-    (record,) = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    participation = record["participation"]
-    assert participation["valid"] == 1 and not record["skipped"]
-    (error,) = participation["errors"]
-    assert f"refuses to run FAB {this_app}" in error["reason"] and "allowed_fab_hashes" in error["reason"]
+    return fab_hash_of_project(app)
