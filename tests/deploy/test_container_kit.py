@@ -87,7 +87,7 @@ def test_the_build_context_leaves_out_the_venv_runs_and_keys():
 
 
 @pytest.mark.parametrize("name,services", [("server", {"superlink", "prometheus", "grafana"}),
-                                           ("site", {"supernode", "site-exporter", "prometheus"})])
+                                           ("site", {"supernode", "site-exporter", "approve", "prometheus"})])
 def test_compose_files_have_their_services_and_images_build_from_the_dockerfile(name, services):
     spec = compose(name)
     assert set(spec["services"]) == services and spec["name"]

@@ -30,8 +30,9 @@ def test_make_certs_signs_a_superlink_certificate_for_the_given_hosts(tmp_path):
     cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    # the given names, and loopback (where the Fleet gateway and the operator's flwr reach the SuperLink)
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1"]
     for private in ("ca.key", "superlink.key"):
         assert stat.S_IMODE((tmp_path / private).stat().st_mode) == 0o600
     key = serialization.load_pem_private_key((tmp_path / "superlink.key").read_bytes(), password=None)
@@ -51,7 +52,8 @@ def test_make_site_key_writes_a_p384_pair_in_the_format_flower_reads(tmp_path):
 
 
 @pytest.mark.parametrize("script,flags", [
-    ("start_superlink.sh", ["--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"]),
+    ("start_superlink.sh", ["--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                            "--database"]),
     ("start_supernode.sh", ["--root-certificates", "--auth-supernode-private-key", "--node-config"]),
 ])
 def test_the_start_scripts_use_tls_and_authentication(script, flags):
