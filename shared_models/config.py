@@ -44,6 +44,10 @@ class VisionConfig:
         resnet_layers: blocks per stage of the ResNet (``[2, 2, 2, 2]`` is ResNet-18).
         resnet_groups: GroupNorm groups of the ResNet.
         gradient_checkpointing: recompute block activations in the backward pass (big presets).
+        conv_stem: ViT only. Output channels of non-overlapping convolutions (kernel = stride =
+            ``conv_stem_kernel``, GELU after each) run inside each patch before the patch embedding, which
+            then covers ``patch_size / conv_stem_kernel**len(conv_stem)`` of their output; the token grid
+            is unchanged. ``[]`` = a plain linear patch embedding (ViT's).
     """
 
     kind: str = "vit"
@@ -59,6 +63,32 @@ class VisionConfig:
     resnet_layers: tuple[int, ...] = (2, 2, 2, 2)
     resnet_groups: int = 16
     gradient_checkpointing: bool = False
+    conv_stem: tuple[int, ...] = ()
+    conv_stem_kernel: int = 4
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of volumes and reports (per study, seeded; never at evaluation).
+
+    Volume values are in the model's input units (after ``preprocess`` normalisation; 1 unit is
+    ``norm_std * (hu_window span)`` HU, 600 HU with the defaults).
+
+    Args:
+        intensity_shift: a uniform offset in ``[-s, s]`` added to the whole volume (scanner calibration).
+        intensity_scale: a uniform factor in ``[1 - s, 1 + s]`` (contrast).
+        noise_std: Gaussian noise of a std drawn uniformly in ``[0, noise_std]``.
+        max_translation: a random shift of up to this many voxels per axis (edges repeat).
+        report_variants: COLIPRI's report augmentation (sentence shuffle, short-sentence reports) draws
+            from this many fixed variants per study (0 = a fresh draw every time). A bounded set lets a
+            locked text tower's cache serve every report after the first epochs.
+    """
+
+    intensity_shift: float = 0.0
+    intensity_scale: float = 0.0
+    noise_std: float = 0.0
+    max_translation: int = 0
+    report_variants: int = 0
 
 
 @dataclass
@@ -71,13 +101,21 @@ class TextConfig:
         random_init: if set, build the encoder from the directory's config with these overrides and
             random weights (tests use a tiny BERT with the real tokenizer this way).
         max_length: tokens per text, truncated beyond.
-        freeze: keep the text encoder's weights fixed (only the projection trains).
+        trainable_layers: how much of the pretrained tower trains. -1 = all of it; 0 = none (a locked
+            tower, HLIP's choice: only the projection trains); k > 0 = the last k transformer layers
+            (embeddings and the layers below stay fixed; needs a BERT-style ``encoder.layer`` stack).
+        lr_scale: the tower's learning rate relative to the run's (a pretrained encoder wants less).
+        cache_size: texts whose fixed part's output is kept in memory (0 = no cache). The fixed part
+            runs without dropout and cannot change during training, so a report, OSL sentence or prompt
+            seen before costs no text forward through it.
     """
 
     model_dir: str | None = None
     random_init: dict[str, Any] | None = None
     max_length: int = 128
-    freeze: bool = False
+    trainable_layers: int = -1
+    lr_scale: float = 1.0
+    cache_size: int = 4096
 
 
 @dataclass
@@ -91,6 +129,9 @@ class DecoderConfig:
         max_length: longest report in tokens (teacher forcing truncates, generation stops there).
         memory_pool: average-pool the vision token grid by this factor per axis before cross-attention
             (1 = every token); keeps cross-attention affordable for ~14k-token volumes.
+        target: what the decoder learns to write. ``"findings"``: the study's findings as a structured
+            report (``shared_models.reports.structured_findings_report``), as COLIPRI structures reports
+            before training its decoder; ``"report"``: the report body as written.
     """
 
     width: int = 256
@@ -98,6 +139,7 @@ class DecoderConfig:
     heads: int = 4
     max_length: int = 128
     memory_pool: int = 1
+    target: str = "findings"
 
 
 @dataclass
@@ -172,6 +214,7 @@ class ModelConfig:
     mae: MAEConfig = field(default_factory=MAEConfig)
     multiview: MultiViewConfig = field(default_factory=MultiViewConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     embed_dim: int = 256
     pool_heads: int = 4
     logit_scale_init: float = math.log(1 / 0.07)
@@ -209,8 +252,26 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"vision.width ({v.width}) should be divisible by vision.heads ({v.heads}).")
     if v.study_attention_every < 0 or v.slice_group < 0:
         raise ValueError("vision.study_attention_every and vision.slice_group should be >= 0.")
+    for name in ("intensity_shift", "intensity_scale", "noise_std", "max_translation", "report_variants"):
+        if not getattr(cfg.augment, name) >= 0:
+            raise ValueError(f"augment.{name} should be >= 0, got {getattr(cfg.augment, name)!r}.")
+    if cfg.augment.intensity_scale >= 1:
+        raise ValueError(f"augment.intensity_scale should be below 1, got {cfg.augment.intensity_scale}.")
+    if any(c < 1 for c in v.conv_stem):
+        raise ValueError(f"vision.conv_stem should list positive channel counts, got {v.conv_stem}.")
+    stem_stride = v.conv_stem_kernel ** len(v.conv_stem)
+    if v.kind == "vit" and (v.conv_stem_kernel < 1 or any(p % stem_stride for p in v.patch_size)):
+        raise ValueError(f"vision.patch_size {v.patch_size} should be divisible by vision.conv_stem_kernel "
+                         f"** len(vision.conv_stem) = {stem_stride}.")
+    if cfg.text.trainable_layers < -1 or cfg.text.cache_size < 0:
+        raise ValueError(f"text.trainable_layers should be >= -1 and text.cache_size >= 0, got "
+                         f"{cfg.text.trainable_layers} and {cfg.text.cache_size}.")
+    if not (cfg.text.lr_scale >= 0 and math.isfinite(cfg.text.lr_scale)):
+        raise ValueError(f"text.lr_scale should be a finite number >= 0, got {cfg.text.lr_scale}.")
     if not 0.0 < cfg.mae.mask_ratio < 1.0:
         raise ValueError(f"mae.mask_ratio should be in (0, 1), got {cfg.mae.mask_ratio}.")
+    if cfg.decoder.target not in ("findings", "report"):
+        raise ValueError(f"decoder.target should be 'findings' or 'report', got {cfg.decoder.target!r}.")
     if cfg.clip_loss not in ("softmax", "sigmoid"):
         raise ValueError(f"clip_loss should be 'softmax' or 'sigmoid', got {cfg.clip_loss!r}.")
     unknown = sorted(set(cfg.objectives) - set(OBJECTIVES))

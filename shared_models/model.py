@@ -45,7 +45,7 @@ class FoundationModel(nn.Module):
         self.findings = get_vocabulary(cfg.vocabulary)
         self.tokenizer = load_tokenizer(cfg.text)
         self.vision = build_vision_encoder(cfg.vision)
-        self.text = TextEncoder(cfg.text)
+        self.text = TextEncoder(cfg.text, self.tokenizer)
         self.vision_pool = AttentionPool(width, cfg.pool_heads)
         self.vision_proj = nn.Linear(width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
@@ -84,7 +84,7 @@ class FoundationModel(nn.Module):
 
     def encode_text(self, texts: list[str]) -> Tensor:
         """A list of B texts -> L2-normalized ``[B, E]``."""
-        pooled, _ = self.text(**self.tokenize(texts))
+        pooled, _, _ = self.text(list(texts))
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def predict_findings(self, volumes: Tensor, scan_mask: Tensor | None = None) -> Tensor:
@@ -118,11 +118,10 @@ class FoundationModel(nn.Module):
             if "report" in needed:
                 out.update(self._report_outputs(batch, vis))
         if needed & {"clip", "multiview"}:
-            report = self.tokenize(_require(batch, "report", "clip/multiview"))
-            text_pooled, text_tokens = self.text(**report)
+            text_pooled, text_tokens, text_mask = self.text(list(_require(batch, "report", "clip/multiview")))
             out["text_embeddings"] = F.normalize(self.text_proj(text_pooled), dim=-1)
             if "multiview" in needed:
-                out.update(self._multiview_outputs(batch, out["volume_embeddings"], text_tokens, report))
+                out.update(self._multiview_outputs(batch, out["volume_embeddings"], text_tokens, text_mask))
         if "osl" in needed:
             out.update(self._osl_outputs(batch, out["volume_embeddings"]))
         if "mae" in needed:
@@ -162,7 +161,7 @@ class FoundationModel(nn.Module):
         return {"report_logits": logits, "report_labels": labels}
 
     def _multiview_outputs(
-        self, batch: dict[str, Any], volume_embeddings: Tensor, text_tokens: Tensor, report: dict[str, Tensor]
+        self, batch: dict[str, Any], volume_embeddings: Tensor, text_tokens: Tensor, text_mask: Tensor
     ) -> dict[str, Tensor]:
         views = batch.get("views")
         if views is None:
@@ -175,7 +174,7 @@ class FoundationModel(nn.Module):
         fused = self.view_fusion(
             vis.tokens,
             text_tokens.repeat_interleave(m, dim=0),
-            report["attention_mask"].repeat_interleave(m, dim=0),
+            text_mask.repeat_interleave(m, dim=0),
         )
         pooled = self.view_pool(fused, vis.valid)
         emb = F.normalize(self.vision_proj(pooled), dim=-1).reshape(b, m, -1)

@@ -5,6 +5,7 @@ Nothing here downloads: every ``from_pretrained`` call passes ``local_files_only
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -55,11 +56,16 @@ def load_tokenizer(cfg: TextConfig):
 class TextEncoder(nn.Module):
     """A Hugging Face encoder with masked mean pooling (as sentence-transformers pools MiniLM).
 
+    With ``cfg.trainable_layers`` >= 0 the tower's lower part is fixed: it runs without dropout and
+    without gradients, and its output per text is kept in an LRU cache (``cfg.cache_size`` texts), so
+    only the trainable top layers (none for a locked tower) run for a text seen before. The cache is
+    emptied whenever weights are loaded.
+
     Args:
-        cfg: the ``text`` config section.
+        cfg: the ``text`` config section. tokenizer: the shared tokenizer.
     """
 
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, tokenizer) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -69,16 +75,99 @@ class TextEncoder(nn.Module):
             self.model = AutoModel.from_config(config)
         else:
             self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
         self.width = self.model.config.hidden_size
-        if cfg.freeze:
-            self.model.requires_grad_(False)
+        depth = self.model.config.num_hidden_layers
+        k = cfg.trainable_layers
+        self.fixed_layers = 0 if k < 0 or k >= depth else depth - k  # layers below the trainable top
+        if 0 < self.fixed_layers < depth and not isinstance(self._layers(), nn.ModuleList):
+            raise ValueError(
+                f"text.trainable_layers {k} needs a BERT-style encoder (model.encoder.layer); "
+                f"{type(self.model).__name__} has none: set text.trainable_layers to -1 (all) or 0 (locked)."
+            )
+        for module in self._fixed_modules():
+            module.requires_grad_(False)
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (mean-pooled ``[B, H]``, token states ``[B, T, H]``)."""
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    def _layers(self):
+        return getattr(getattr(self.model, "encoder", None), "layer", None)
+
+    def _fixed_modules(self) -> list[nn.Module]:
+        if self.fixed_layers == 0:
+            return []
+        if self.fixed_layers == self.model.config.num_hidden_layers:
+            return [self.model]
+        return [self.model.embeddings, *self._layers()[: self.fixed_layers]]
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        for module in self._fixed_modules():  # the fixed part never uses dropout: its cache stays valid
+            module.eval()
+        return self
+
+    def forward(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """B texts -> (mean-pooled ``[B, H]``, token states ``[B, T, H]``, attention mask ``[B, T]``)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts should be a list of strings.")
+        if self.fixed_layers == 0:
+            ids, mask = self._tokenize(list(texts))
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            hidden, mask = self._fixed_states(list(texts))
+            if self.fixed_layers < self.model.config.num_hidden_layers:
+                hidden = self._run_layers(hidden, mask, self._layers()[self.fixed_layers:])
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return pooled, hidden
+        return pooled, hidden, mask
+
+    def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", max_length=self.cfg.max_length)
+        device = self.model.device
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def _run_layers(self, hidden: Tensor, mask: Tensor, layers) -> Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attention = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in layers:
+            hidden = layer(hidden, attention)
+        return hidden
+
+    @torch.no_grad()
+    def _compute_fixed(self, texts: list[str]) -> list[Tensor]:
+        """The fixed part's output per text, unpadded ``[T_i, H]``."""
+        ids, mask = self._tokenize(texts)
+        if self.fixed_layers == self.model.config.num_hidden_layers:
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            hidden = self._run_layers(self.model.embeddings(input_ids=ids), mask, self._layers()[: self.fixed_layers])
+        lengths = mask.sum(1).tolist()
+        return [hidden[i, : int(n)].detach() for i, n in enumerate(lengths)]
+
+    def _fixed_states(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """The fixed part's output for ``texts`` (cached where seen), padded: ``[B, T, H]``, mask ``[B, T]``."""
+        size = self.cfg.cache_size
+        found = {t: self._cache[t] for t in texts if t in self._cache}
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        if missing:
+            found.update(zip(missing, self._compute_fixed(missing)))
+        if size:
+            for text in texts:
+                self._cache[text] = found[text]
+                self._cache.move_to_end(text)
+            while len(self._cache) > size:
+                self._cache.popitem(last=False)
+        device = self.model.device
+        states = [found[t].to(device) for t in texts]
+        longest = max(s.shape[0] for s in states)
+        hidden = states[0].new_zeros(len(states), longest, states[0].shape[1])
+        mask = torch.zeros(len(states), longest, dtype=torch.long, device=device)
+        for i, state in enumerate(states):
+            hidden[i, : state.shape[0]] = state
+            mask[i, : state.shape[0]] = 1
+        return hidden, mask
 
 
 class ReportDecoder(nn.Module):

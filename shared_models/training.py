@@ -84,7 +84,7 @@ def _stream(dataset, model_cfg: ModelConfig, s: StepSettings, seed: int, device:
     per_rank = len(dataset) // ranks
     workers = s.workers
     loader = DataLoader(dataset, batch_size=min(s.batch_size, per_rank), shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, collate_fn=Collate(model_cfg, seed=seed + me),
+                        drop_last=True, collate_fn=Collate(model_cfg, seed=seed + me, augment=True),
                         generator=torch.Generator().manual_seed(seed), num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         prefetch_factor=s.prefetch if workers > 0 else None)
@@ -108,10 +108,19 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool =
 
 
 def make_optimizer(model: torch.nn.Module, s: StepSettings, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on GPU); weight decay on matrices and kernels (``p.dim() >= 2``) only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW (fused on GPU); weight decay on matrices and kernels (``p.dim() >= 2``) only; the text
+    tower's parameters at ``text.lr_scale`` times the learning rate (``run_steps`` applies ``lr_scale``)."""
+    core = unwrap_model(model)
+    text_ids = {id(p) for p in core.text.parameters()} if hasattr(core, "text") else set()
+    text_scale = core.cfg.text.lr_scale if hasattr(core, "cfg") else 1.0
+    groups = []
+    for in_text in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in text_ids) == in_text]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": s.weight_decay if decay else 0.0,
+                               "lr_scale": text_scale if in_text else 1.0})
     return torch.optim.AdamW(groups, lr=s.lr, fused=device.type == "cuda")
 
 
@@ -153,7 +162,7 @@ def run_steps(model, cache_dirs: Sequence[str | Path], s: StepSettings, optimize
         seed = s.seed + 1
         streams["mae"] = _stream(cohort_dataset(cache_dirs, model_cfg, False, seed), model_cfg, s, seed, device)
     for group in optimizer.param_groups:
-        group["lr"] = s.lr
+        group["lr"] = s.lr * group.get("lr_scale", 1.0)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and s.amp else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
