@@ -128,7 +128,7 @@ def run_dp_steps(model, cache_dir: str | Path, s: StepSettings, optimizer: torch
                             f"{privacy.max_epsilon}); it trains no further rounds of this run.")
     sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=rate,
                                             generator=torch.Generator().manual_seed(s.seed))
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_PoissonCollate(Collate(model.cfg, seed=s.seed)))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_PoissonCollate(Collate(model.cfg, seed=s.seed, augment=True)))
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     dp_opt = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                          expected_batch_size=s.batch_size, loss_reduction="mean",

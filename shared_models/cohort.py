@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import augment_volumes
 from .config import ModelConfig
 from .objectives import osl_inputs
-from .reports import augment_report, findings_vector, report_body
+from .reports import augment_report, findings_vector, report_body, structured_findings_report
 from .volumes import random_views
 
 MANIFEST = "manifest.jsonl"
@@ -97,8 +98,16 @@ class SiteDataset(Dataset):
             item["study"] = torch.stack([self._volume(r) for r in series[: self.max_scans]])
         if study["report"] is not None:
             body = report_body(study["report"])
-            item["report_target"] = body
-            item["report"] = augment_report(study["report"], study["findings"], rng) if self.augment else body
+            if self.cfg.decoder.target == "findings":
+                item["report_target"] = structured_findings_report(study["findings"], self.cfg.vocabulary)
+            else:
+                item["report_target"] = body
+            if self.augment:
+                variants = self.cfg.augment.report_variants
+                text_rng = random.Random(hash((self.seed, index, self.epoch % variants))) if variants else rng
+                item["report"] = augment_report(study["report"], study["findings"], text_rng)
+            else:
+                item["report"] = body
         return item
 
 
@@ -108,11 +117,13 @@ class Collate:
     Args:
         model_cfg: the model config (vocabulary and multi-view settings).
         max_osl_pairs: OSL sentence pairs drawn per study.
-        seed: seed of the OSL phrasing and view positions (advanced per batch).
+        seed: seed of the OSL phrasing, view positions and volume augmentation (advanced per batch).
+        augment: apply the config's ``augment`` section to the volumes (training batches only).
     """
 
-    def __init__(self, model_cfg: ModelConfig, max_osl_pairs: int = 4, seed: int = 0) -> None:
+    def __init__(self, model_cfg: ModelConfig, max_osl_pairs: int = 4, seed: int = 0, augment: bool = False) -> None:
         self.cfg = model_cfg
+        self.augment = augment
         self.max_osl_pairs = max_osl_pairs
         self.seed = seed
         self.calls = 0
@@ -125,6 +136,8 @@ class Collate:
         findings = [item["findings"] for item in items]
         labels, masks = zip(*(findings_vector(f, self.cfg.vocabulary) for f in findings))
         volumes = torch.stack([item["volume"] for item in items])
+        if self.augment:
+            volumes = augment_volumes(volumes, self.cfg.augment, generator)
         batch: dict[str, Any] = {
             "volume": volumes,
             "findings": findings,

