@@ -43,7 +43,7 @@ __all__ = [
     "BODY_SECTIONS", "BRAIN_MRI_FINDINGS", "CT_RATE_FINDINGS", "FINDINGS", "Finding", "PROMPT_STYLES",
     "SENTENCE_STYLES", "VOCABULARIES", "augment_report", "extract_findings", "finding_sentence", "findings_vector",
     "get_finding", "get_vocabulary", "opposite_sentence_pairs", "report_body", "short_sentence_report",
-    "shuffle_sentences", "split_sections", "split_sentences", "zero_shot_prompts",
+    "shuffle_sentences", "split_sections", "split_sentences", "structured_findings_report", "zero_shot_prompts",
 ]
 
 
@@ -363,6 +363,21 @@ def opposite_sentence_pairs(
     return pairs
 
 
+
+
+NO_FINDINGS_SENTENCE = "No abnormal findings."
+
+
+def structured_findings_report(findings: Mapping[str, bool], vocabulary: str | Sequence[str] = "ct_rate") -> str:
+    """The findings of a study as a short structured report: one sentence per present finding, in
+    vocabulary order ("Cardiomegaly is present. Pleural effusion is present."), or
+    :data:`NO_FINDINGS_SENTENCE` when none is. What the report decoder learns by default: COLIPRI
+    structures reports before training the decoder, so that it learns the findings rather than the
+    boilerplate every report shares. The labeler reads each sentence back as its finding."""
+    present = [name for name in get_vocabulary(vocabulary) if findings.get(name) is True]
+    if not present:
+        return NO_FINDINGS_SENTENCE
+    return " ".join(finding_sentence(name, True) for name in present)
 
 
 def shuffle_sentences(text: str, rng: random.Random) -> str:

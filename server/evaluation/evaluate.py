@@ -33,6 +33,7 @@ from shared_models.reports import PROMPT_STYLES, get_vocabulary, report_body, ze
 
 from . import metrics as M
 from .cohorts import resolve_cohort
+from .embeddings import embedding_spread
 
 log = logging.getLogger(__name__)
 HEADLINE_STYLE = "ct_clip"
@@ -54,7 +55,7 @@ def cohort_outputs(model, cohort: Path, batch_size: int = 8, generate: int = 32,
         if "study" in batch:
             x = batch["study"].to(model.device)
         volumes.append(model.encode_volume(x, scan_mask).float().cpu())
-        texts.append(model.encode_text(batch["report_target"]).float().cpu())
+        texts.append(model.encode_text(batch["report"]).float().cpu())  # the report body (augment=False)
         head.append(model.predict_findings(x, scan_mask).float().cpu())
         if len(generated) < generate:
             take = min(generate - len(generated), x.shape[0])
@@ -105,6 +106,7 @@ def evaluate_model(model, cohort: str | Path, n_boot: int = 1000, generate: int 
     result["findings_head.macro_auroc"] = head["macro_auroc"]
     result["findings_head.per_finding"] = {f: v["auroc"] for f, v in head["per_finding"].items()}
 
+    result.update(embedding_spread(out["volume"], out["text"]))
     for name, sim in (("report_to_volume", out["text"] @ out["volume"].T), ("volume_to_report", out["volume"] @ out["text"].T)):
         for key, value in M.recall_at_k(sim).items():
             result[f"retrieval.{name}.{key}"] = value
