@@ -59,18 +59,28 @@ def rounds_figure(history: list[dict[str, Any]]) -> str | None:
     if not history:
         return None
     rounds = [h["round"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.6))
     for key in sorted({k for h in history for k in h.get("train", {}) if k.startswith("loss.")}):
         left.plot(rounds, [h["train"].get(key) for h in history], marker="o", label=key[5:])
     left.set(title="local training losses", xlabel="round")
     left.legend(fontsize=7)
     evaluated = [h for h in history if h.get("evaluation")]
-    for key in sorted({k for h in evaluated for k, v in h["evaluation"].items() if isinstance(v, (int, float))
-                       and (k.endswith("macro_auroc") or k.endswith("recall@5") or k.startswith("validation.total"))}):
-        right.plot([h["round"] for h in evaluated], [h["evaluation"].get(key) for h in evaluated], marker="o", label=key)
-    right.set(title="central evaluation", xlabel="round")
-    if evaluated:
-        right.legend(fontsize=7)
+    numeric = sorted({k for h in evaluated for k, v in h["evaluation"].items() if isinstance(v, (int, float))})
+    for key in (k for k in numeric if k.startswith("validation.")):
+        middle.plot([h["round"] for h in evaluated], [h["evaluation"].get(key) for h in evaluated], marker="o",
+                    label=key[len("validation."):])
+    middle.set(title="validation losses (central cohort)", xlabel="round")
+    # scores share a [0, 1] axis: AUROCs (chance 0.5), recall@5, and the embeddings' mean pairwise cosine
+    # (near 1 = collapsed)
+    for key in (k for k in numeric if k.endswith("macro_auroc") and not k.startswith("zero_shot_styles")
+                or k.endswith("report_to_volume.recall@5") or k.endswith("_mean_cosine")):
+        right.plot([h["round"] for h in evaluated], [h["evaluation"].get(key) for h in evaluated], marker="o",
+                   ls=":" if key.endswith("_mean_cosine") else "-", label=key)
+    right.axhline(0.5, color="grey", lw=0.8, ls="--")
+    right.set(title="central evaluation scores", xlabel="round", ylim=(0, 1.02))
+    for ax in (middle, right):
+        if evaluated:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
@@ -83,7 +93,9 @@ def write_html_report(metrics: dict[str, Any], out: str | Path, roc: dict | None
     out = Path(out)
     headline = [k for k in ("zero_shot.macro_auroc", "findings_head.macro_auroc", "probe.macro_auroc",
                             "retrieval.report_to_volume.recall@5", "retrieval.volume_to_report.recall@5",
-                            "generation.bleu4", "generation.rougeL", "generation.clinical_f1", "segmentation.mean_dice")
+                            "generation.bleu4", "generation.rougeL", "generation.clinical_f1", "segmentation.mean_dice",
+                            "segmentation_organs.mean_dice", "embeddings.volume_mean_cosine",
+                            "embeddings.text_mean_cosine")
                 if k in metrics]
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"

@@ -55,6 +55,10 @@ def validation_evaluator(settings: RunSettings):
         light = evaluate_model(model, settings.eval_cohort, n_boot=0, generate=0, progress=False)
         scores.update({k: v for k, v in light.items()  # None = undefined (e.g. a finding without positives)
                        if (v is None or isinstance(v, (int, float))) and not k.startswith("_")})
+        if scores.get("embeddings.collapsed"):
+            log.warning("round %d: the global model's embeddings have collapsed (mean pairwise cosine: volumes %s, "
+                        "reports %s); nothing tells studies apart. Check the learning rate and objective weights.",
+                        server_round, scores.get("embeddings.volume_mean_cosine"), scores.get("embeddings.text_mean_cosine"))
         log.info("round %d evaluation: zero-shot macro AUROC %s, probe %s, validation total %.4f", server_round,
                  scores.get("zero_shot.macro_auroc"), scores.get("probe.macro_auroc"), scores["validation.total"])
         return scores
