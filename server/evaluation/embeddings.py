@@ -22,9 +22,9 @@ def mean_pairwise_cosine(embeddings: np.ndarray) -> float | None:
     n = x.shape[0]
     if n < 2:
         return None
-    x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+    x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)  # a zero row stays zero (cosine 0)
     total = x.sum(axis=0)
-    return float((total @ total - n) / (n * (n - 1)))  # sum over i != j of x_i . x_j
+    return float((total @ total - (x * x).sum()) / (n * (n - 1)))  # sum over i != j of x_i . x_j
 
 
 def embedding_spread(volume: np.ndarray, text: np.ndarray) -> dict[str, float | None]:

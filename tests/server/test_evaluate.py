@@ -10,6 +10,7 @@ import torch
 
 from server.checkpoint import RunFolder, load_arrays_file
 from server.cli import main as server_cli
+from server.evaluation.embeddings import COLLAPSE_COSINE
 from server.evaluation.evaluate import evaluate_model, write_metrics
 from server.evaluation.html_report import write_html_report
 from server.federation import initial_arrays
@@ -19,7 +20,8 @@ from shared_models import build_model, load_model_config, model_to_arrays
 KEYS = ["zero_shot.macro_auroc", "zero_shot.per_finding", "zero_shot.macro_ci", "findings_head.macro_auroc",
         "retrieval.report_to_volume.recall@5", "retrieval.volume_to_report.recall@1",
         "retrieval.report_to_volume.chance@5", "generation.bleu1", "generation.bleu4", "generation.rougeL",
-        "generation.clinical_f1", "probe.macro_auroc"]
+        "generation.clinical_f1", "probe.macro_auroc", "embeddings.volume_mean_cosine",
+        "embeddings.text_mean_cosine", "embeddings.collapsed"]
 
 
 def test_metrics_json_has_the_stable_keys_and_sane_values(tiny_sites, tmp_path):
@@ -35,6 +37,9 @@ def test_metrics_json_has_the_stable_keys_and_sane_values(tiny_sites, tmp_path):
     assert per["Pleural effusion"]["positives"] == 1 and per["Medical material"]["auroc"] is None  # no positives
     assert "Medical material" in result["zero_shot.undefined"]
     assert len(result["generation.examples"]) == 2
+    cosines = [result["embeddings.volume_mean_cosine"], result["embeddings.text_mean_cosine"]]
+    assert all(-0.5 - 1e-6 <= c <= 1.0 + 1e-6 for c in cosines)  # 3 unit vectors: the mean cosine is >= -1/2
+    assert result["embeddings.collapsed"] == float(max(cosines) > COLLAPSE_COSINE)
     path = write_metrics(result, tmp_path / "eval")
     saved = json.loads(path.read_text())
     assert set(KEYS) <= set(saved) and not any(k.startswith("_") for k in saved)
