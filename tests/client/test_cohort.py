@@ -9,6 +9,7 @@ from shared_models.cohort import Collate, SiteDataset
 from client.ingest.pipeline import run_ingest
 from client.site_config import load_site_config
 from shared_models import OBJECTIVES, build_model, training_losses
+from shared_models.reports import report_body, structured_findings_report
 
 
 @pytest.fixture
@@ -35,7 +36,9 @@ def test_vision_language_items_and_batches(site, make_tiny_config):
     batch = Collate(model_cfg)([data[i] for i in range(3)])
     assert batch["volume"].shape == (3, 1, 64, 64, 64) and batch["volume"].dtype == torch.float32
     assert len(batch["report"]) == 3
-    assert "small left pleural effusion" in batch["report_target"][0].lower()  # studies sorted by UID: ACC0 first
+    # studies sorted by UID: ACC0 first; the decoder's target is its findings as a structured report by default
+    assert batch["report_target"][0] == structured_findings_report(data.studies[0]["findings"], "ct_rate")
+    assert "Pleural effusion is present." in batch["report_target"][0]
     assert batch["finding_labels"].shape == (3, 18) and batch["finding_labels"].sum() > 0
     assert batch["osl_index"].numel() == len(batch["osl_positive"]) > 0
     assert batch["views"].shape == (3, 2, 1, 32, 32, 32)
@@ -84,3 +87,67 @@ def test_dataloader_workers_draw_different_views(site, make_tiny_config):
     loader = DataLoader([data[0], data[0]], batch_size=1, num_workers=2, collate_fn=Collate(model_cfg, seed=1))
     first, second = list(loader)
     assert not torch.equal(first["views"], second["views"])  # same item, different worker: other crops
+
+
+AUGMENT = {"intensity_shift": 0.1, "intensity_scale": 0.2, "noise_std": 0.05, "max_translation": 2}
+
+
+def volume_items(n: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"volume": torch.randn(1, 32, 32, 32, generator=g), "findings": {"Cardiomegaly": bool(i % 2)}}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("augment, section, changed", [
+    (None, AUGMENT, False),  # the default: evaluation and validation batches are never augmented
+    (False, AUGMENT, False),
+    (True, AUGMENT, True),
+    (True, {}, False),  # an all-zero augment section changes nothing
+])
+def test_collate_augments_volumes_only_when_asked(make_tiny_config, augment, section, changed):
+    model_cfg = make_tiny_config(augment=section)
+    items = volume_items()
+    kwargs = {} if augment is None else {"augment": augment}
+    batch = Collate(model_cfg, seed=1, **kwargs)(items)
+    stacked = torch.stack([item["volume"] for item in items])
+    assert batch["volume"].shape == stacked.shape
+    assert torch.equal(batch["volume"], stacked) != changed
+    assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(items, volume_items()))  # items untouched
+
+
+def test_collate_augmentation_is_seeded_and_new_every_batch(make_tiny_config):
+    model_cfg = make_tiny_config(augment=AUGMENT)
+    a, b, c = (Collate(model_cfg, seed=s, augment=True) for s in (1, 1, 2))
+    items = volume_items()
+    first = a(items)["volume"]
+    assert torch.equal(first, b(items)["volume"])
+    assert not torch.allclose(first, c(items)["volume"])
+    assert not torch.allclose(first, a(items)["volume"])  # the next batch draws again
+
+
+@pytest.mark.parametrize("variants", [0, 1, 2, 3])
+def test_report_variants_bound_the_distinct_reports_per_study(site, make_tiny_config, variants):
+    data = SiteDataset(site.cache_dir, make_tiny_config(augment={"report_variants": variants}), seed=3)
+    seen: list[set[str]] = [set() for _ in range(len(data))]
+    for epoch in range(40):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            seen[i].add(data[i]["report"])
+    most = max(len(s) for s in seen)
+    if variants == 0:  # a fresh draw every epoch
+        assert most > 3
+    else:
+        assert most <= variants
+        assert most > 1 or variants == 1  # still augmented, within the bound
+
+
+@pytest.mark.parametrize("target", ["findings", "report"])
+@pytest.mark.parametrize("augment", [True, False])
+def test_report_target_follows_the_decoder_target(site, make_tiny_config, target, augment):
+    data = SiteDataset(site.cache_dir, make_tiny_config(decoder={"target": target}), augment=augment)
+    for i, study in enumerate(data.studies):
+        expected = (structured_findings_report(study["findings"], "ct_rate") if target == "findings"
+                    else report_body(study["report"]))
+        assert data[i]["report_target"] == expected  # never augmented
+        if not augment:
+            assert data[i]["report"] == report_body(study["report"])

@@ -89,3 +89,50 @@ def test_config_file_overrides_a_preset(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model config file not found: .*absent.yaml"):
         load_config_file(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("text: {trainable_layers: -2}\n", "text.trainable_layers should be >= -1 and text.cache_size >= 0, got -2 and"),
+        ("text: {cache_size: -1}\n", "text.trainable_layers should be >= -1 and text.cache_size >= 0, got -1 and -1"),
+        ("text: {lr_scale: -0.1}\n", "text.lr_scale should be a finite number >= 0, got -0.1"),
+        ("text: {lr_scale: .inf}\n", "text.lr_scale should be a finite number >= 0, got inf"),
+        ("text: {lr_scale: .nan}\n", "text.lr_scale should be a finite number >= 0, got nan"),
+        ("augment: {intensity_shift: -0.1}\n", "augment.intensity_shift should be >= 0, got -0.1"),
+        ("augment: {intensity_scale: -0.5}\n", "augment.intensity_scale should be >= 0, got -0.5"),
+        ("augment: {intensity_scale: 1.0}\n", "augment.intensity_scale should be below 1, got 1.0"),
+        ("augment: {intensity_scale: 1.5}\n", "augment.intensity_scale should be below 1, got 1.5"),
+        ("augment: {noise_std: -0.01}\n", "augment.noise_std should be >= 0, got -0.01"),
+        ("augment: {noise_std: .nan}\n", "augment.noise_std should be >= 0, got nan"),
+        ("augment: {max_translation: -1}\n", "augment.max_translation should be >= 0, got -1"),
+        ("augment: {report_variants: -3}\n", "augment.report_variants should be >= 0, got -3"),
+        ("vision: {conv_stem: [8, 0]}\n", "vision.conv_stem should list positive channel counts"),
+        ("vision: {conv_stem: [8], conv_stem_kernel: 3}\n", "vision.patch_size \\(16, 16, 16\\) should be divisible "
+         "by vision.conv_stem_kernel \\*\\* len\\(vision.conv_stem\\) = 3"),
+        ("vision: {conv_stem: [4, 4, 4], conv_stem_kernel: 4}\n", "should be divisible .* = 64"),
+        ("vision: {conv_stem: [4], conv_stem_kernel: 0}\n", "vision.patch_size .* should be divisible"),
+        ("decoder: {target: text}\n", "decoder.target should be 'findings' or 'report', got 'text'"),
+    ],
+)
+def test_bad_text_augment_stem_and_decoder_values_name_the_key(tmp_path, yaml_text, message):
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: tiny\n" + yaml_text)
+    with pytest.raises(ValueError, match=message):
+        load_config_file(path)
+
+
+@pytest.mark.parametrize(
+    "section, values",
+    [("text", {"trainable_layers": -1, "cache_size": 0, "lr_scale": 0.0}), ("text", {"trainable_layers": 12}),
+     ("augment", {"intensity_scale": 0.99, "max_translation": 0}), ("vision", {"conv_stem": (8, 16), "conv_stem_kernel": 4}),
+     ("vision", {"conv_stem": (4, 4, 4, 4), "conv_stem_kernel": 2}), ("decoder", {"target": "report"})],
+)
+def test_the_edges_of_the_allowed_values_load(tmp_path, section, values):
+    import yaml
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({"preset": "tiny", section: {k: list(v) if isinstance(v, tuple) else v
+                                                                   for k, v in values.items()}}))
+    loaded = getattr(load_config_file(path), section)
+    assert {k: getattr(loaded, k) for k in values} == values

@@ -24,8 +24,10 @@ from shared_models.reports import (
     shuffle_sentences,
     split_sections,
     split_sentences,
+    structured_findings_report,
     zero_shot_prompts,
 )
+from shared_models.reports import NO_FINDINGS_SENTENCE
 
 CT_RATE_ORDER = [
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
@@ -479,3 +481,47 @@ def test_augment_report_without_findings_never_gives_a_short_report():
 def test_sentence_styles_cover_the_prompt_styles():
     assert set(SENTENCE_STYLES) == set(PROMPT_STYLES)
     assert SENTENCE_STYLES["plain"] == ("{X} is present.", "No {x}.")
+
+
+# ----------------------------------------------------------------------------- structured findings (decoder target)
+
+
+def _all_findings():
+    return [(vocabulary, name) for vocabulary in ("ct_rate", "brain_mri") for name in get_vocabulary(vocabulary)]
+
+
+@pytest.mark.parametrize("vocabulary, name", _all_findings())
+def test_the_labeler_reads_a_structured_report_back_as_its_finding(vocabulary, name):
+    report = structured_findings_report({name: True}, vocabulary)
+    assert report == finding_sentence(name, True)
+    assert extract_findings(report, vocabulary) == {name: True}
+
+
+@pytest.mark.parametrize("vocabulary", ["ct_rate", "brain_mri"])
+@pytest.mark.parametrize("seed", range(4))
+def test_structured_reports_hold_the_present_findings_only_in_vocabulary_order(vocabulary, seed):
+    rng = random.Random(seed)
+    names = get_vocabulary(vocabulary)
+    findings = {name: rng.random() < 0.4 for name in rng.sample(names, k=len(names) // 2 + seed)}
+    findings = dict(reversed(list(findings.items())))  # the input's order must not matter
+    present = [name for name in names if findings.get(name)]
+    report = structured_findings_report(findings, vocabulary)
+    if not present:
+        assert report == NO_FINDINGS_SENTENCE
+        return
+    assert split_sentences(report) == [finding_sentence(name, True) for name in present]
+    assert extract_findings(report, vocabulary) == {name: True for name in present}  # absent ones unmentioned
+
+
+@pytest.mark.parametrize("vocabulary", ["ct_rate", "brain_mri"])
+def test_every_finding_at_once_reads_back_whole(vocabulary):
+    names = get_vocabulary(vocabulary)
+    report = structured_findings_report(dict.fromkeys(names, True), vocabulary)
+    assert extract_findings(report, vocabulary) == dict.fromkeys(names, True)
+
+
+@pytest.mark.parametrize("findings", [{}, {"Cardiomegaly": False, "Pleural effusion": False}, {"Infarct": True}])
+def test_no_present_finding_gives_the_no_findings_sentence(findings):
+    report = structured_findings_report(findings, "ct_rate")  # Infarct is not a CT-RATE finding
+    assert report == NO_FINDINGS_SENTENCE
+    assert extract_findings(report, "ct_rate") == {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared_models.config import VisionConfig
-from shared_models.vision import ResNet3DEncoder, ViT3D, patchify, random_masking, sincos_position_3d
+from shared_models.vision import PatchStem, ResNet3DEncoder, ViT3D, patchify, random_masking, sincos_position_3d
 
 
 def vit(**kw) -> ViT3D:
@@ -144,3 +144,60 @@ def test_given_mask_noise_fixes_which_tokens_are_hidden():
     assert torch.equal(kept[0], tokens[0, [1, 3, 5, 7]])
     with pytest.raises(ValueError, match="mask noise should have shape"):
         random_masking(tokens, 0.5, noise=noise[:, :4])
+
+
+# ---------------------------------------------------------------------------------- patch stem (vision.conv_stem)
+
+
+@pytest.mark.parametrize("conv_stem, kernel", [((), 4), ((8,), 4), ((6, 8), 2), ((5,), 2)])
+def test_a_conv_stem_keeps_the_token_grid(conv_stem, kernel):
+    model = vit(patch_size=(8, 8, 8), conv_stem=conv_stem, conv_stem_kernel=kernel)
+    assert model.patch_embed.kernel_size == tuple(8 // kernel ** len(conv_stem) for _ in range(3))
+    out = model(torch.randn(2, 1, 16, 24, 32))
+    assert out.grid == (2, 3, 4) and out.tokens.shape == (2, 24, 48)
+
+
+def _conv_like(linear: torch.nn.Linear, in_channels: int, k: int) -> torch.nn.Conv3d:
+    conv = torch.nn.Conv3d(in_channels, linear.out_features, kernel_size=k, stride=k)
+    with torch.no_grad():  # a Linear over (channel, kd, kh, kw) features is the kernel, flattened
+        conv.weight.copy_(linear.weight.reshape(linear.out_features, in_channels, k, k, k))
+        conv.bias.copy_(linear.bias)
+    return conv
+
+
+@pytest.mark.parametrize("in_channels, channels, k", [(1, (8,), 4), (1, (4, 6), 2), (3, (5,), 2)])
+def test_patch_stem_is_a_strided_convolution_with_gelu(in_channels, channels, k):
+    torch.manual_seed(0)
+    stem = PatchStem(in_channels, channels, k)
+    x = torch.randn(2, in_channels, 16, 8, 32)
+    expected, c = x, in_channels
+    for level, out in zip(stem.levels, channels):
+        expected = torch.nn.functional.gelu(_conv_like(level, c, k)(expected))
+        c = out
+    assert torch.allclose(stem(x), expected, atol=1e-5)
+
+
+def test_an_empty_patch_stem_is_the_identity():
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert torch.equal(PatchStem(1, (), 4)(x), x)
+
+
+@pytest.mark.parametrize("conv_stem, patch", [((), (4, 4, 4)), ((), (2, 4, 8)), ((6,), (8, 8, 8))])
+def test_the_patch_embedding_matmul_equals_the_convolution(conv_stem, patch):
+    model = vit(patch_size=patch, conv_stem=conv_stem, conv_stem_kernel=2)
+    stem_out = model.stem(torch.randn(2, 1, 16, 16, 16))
+    as_conv = model.patch_embed(stem_out).flatten(2).transpose(1, 2)  # [N, L, W]
+    assert torch.allclose(model._embed(stem_out), as_conv, atol=1e-5)
+
+
+def test_mae_masking_with_a_stem_hides_the_masked_patches():
+    model = vit(patch_size=(8, 8, 8), conv_stem=(4, 8), conv_stem_kernel=2)
+    x = torch.randn(1, 1, 16, 16, 16)  # 8 patches
+    noise = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]])
+    out = model(x, mask_ratio=0.5, mask_noise=noise)
+    assert out.mask[0].tolist() == [1, 0, 1, 0, 1, 0, 1, 0] and out.tokens.shape == (1, 4, 48)
+    changed = x.clone()
+    changed[..., :8, :8, :8] += 5.0  # patch 0, hidden: no stem kernel crosses into a kept patch
+    assert torch.allclose(model(changed, mask_ratio=0.5, mask_noise=noise).tokens, out.tokens, atol=1e-6)
+    changed[..., :8, :8, 8:] += 5.0  # patch 1, kept
+    assert not torch.allclose(model(changed, mask_ratio=0.5, mask_noise=noise).tokens, out.tokens, atol=1e-4)
