@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from server.demo import REPO, SITES, prepare_cohorts
+from server.demo import REPO, SITES, approve_app, prepare_cohorts
 from server.local_federation import LocalFederation, processes_using
 
 MODEL_YAML = Path(__file__).resolve().parent / "models" / "base100m.yaml"
@@ -276,6 +276,7 @@ def main() -> None:
     run_config = {"recipe": str(write_recipe(out, args.rounds)), "run-dir": str(run_dir), "num-rounds": args.rounds,
                   "local-steps": args.local_steps, "min-available": len(sites), "min-replies": len(sites)}
     limit = min(args.limit_gib * GIB, mem_available_bytes() - GIB)
+    approve_app(sites, app=REPO)  # each site runs only the app version it approved: the current checkout's
     run_started = time.time()
     with LocalFederation(fed_dir, sites) as federation:
         log.info("SuperLink on %s (TLS), %d SuperNode(s); flwr run, logs in %s; memory limit %.1f GiB",

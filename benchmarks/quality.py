@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from server.central import train_central
-from server.demo import REPO, prepare_cohorts
+from server.demo import REPO, approve_app, prepare_cohorts
 from server.evaluation.evaluate import evaluate_checkpoint
 from server.local_federation import LocalFederation
 from server.settings import settings_from_run_config
@@ -42,6 +42,7 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 def federated(out: Path, sites: list[Path], central: Path, name: str, config: dict) -> dict:
     run_dir = out / name
+    approve_app(sites, app=REPO)  # each site runs only the app version it approved: the current checkout's
     with LocalFederation(out / f"fed_{name}", sites) as fed:
         result = fed.run(REPO, {**config, "run-dir": str(run_dir), "eval-cohort": str(central)}, timeout=7200)
     if result.returncode != 0:
