@@ -194,7 +194,11 @@ class ViT3D(nn.Module):
 
     def _embed(self, x: Tensor) -> Tensor:
         """The patch embedding (a Conv3d with kernel = stride) as a reshape and a matmul, which runs
-        several times faster than the convolution on a CPU; ``[N, C, D, H, W]`` -> tokens ``[N, L, W]``."""
+        several times faster than the convolution on a CPU; ``[N, C, D, H, W]`` -> tokens ``[N, L, W]``.
+        A module with hooks (opacus's per-sample gradients hook the Conv3d's forward) is called as
+        itself, so the hooks see its input and output."""
+        if self.patch_embed._forward_hooks or self.patch_embed._forward_pre_hooks:
+            return self.patch_embed(x).flatten(2).transpose(1, 2)
         n, c, d, h, w = x.shape
         kd, kh, kw = self.patch_embed.kernel_size
         x = x.reshape(n, c, d // kd, kd, h // kh, kh, w // kw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)

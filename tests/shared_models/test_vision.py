@@ -188,6 +188,9 @@ def test_the_patch_embedding_matmul_equals_the_convolution(conv_stem, patch):
     stem_out = model.stem(torch.randn(2, 1, 16, 16, 16))
     as_conv = model.patch_embed(stem_out).flatten(2).transpose(1, 2)  # [N, L, W]
     assert torch.allclose(model._embed(stem_out), as_conv, atol=1e-5)
+    seen = []  # a hooked Conv3d (opacus's per-sample gradients) is called as itself, with the same result
+    model.patch_embed.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert torch.allclose(model._embed(stem_out), as_conv, atol=1e-6) and len(seen) == 1
 
 
 def test_mae_masking_with_a_stem_hides_the_masked_patches():
