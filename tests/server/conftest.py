@@ -154,7 +154,9 @@ def tiny_sites(tmp_path):
             (site / "reports.csv").write_text("AccessionNumber,ReportText\n" +
                                               "".join(f"ACC{i},{r}\n" for i, r in enumerate(REPORTS)))
             path = write_site_yaml(site, site_id=f"site-{s}", model=str(model_yaml),
-                                   compute={"batch_size": 2, "workers": 0, "device": "cpu"})
+                                   compute={"batch_size": 2, "workers": 0, "device": "cpu"},
+                                   # in process there is no FAB to hash: these sites run the app they are given
+                                   privacy={"allowed_fab_hashes": "any"})
             run_ingest(load_site_config(path), progress=False)
             paths.append(path)
         return paths, model_yaml
