@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .heads import AttentionPool, MAEDecoder, ViewTextFusion
-from .reports import get_vocabulary
+from .reports import NO_FINDINGS_SENTENCE, finding_sentence, get_vocabulary
 from .text import ReportDecoder, TextEncoder, load_tokenizer
 from .vision import VisionOutput, as_study, build_vision_encoder, patchify
 from .volumes import random_views
@@ -55,9 +55,16 @@ class FoundationModel(nn.Module):
         self.findings_head = nn.Linear(width, len(self.findings))
         self.view_fusion = ViewTextFusion(width, self.text.width, cfg.pool_heads)
         self.view_pool = AttentionPool(width, cfg.pool_heads)
-        self.report_decoder = ReportDecoder(cfg.decoder, width, self.tokenizer)
+        self.report_decoder = ReportDecoder(cfg.decoder, width, self.tokenizer, self._decoder_tokens())
         if cfg.vision.kind == "vit":
             self.mae_decoder = MAEDecoder(width, cfg.mae, math.prod(cfg.vision.patch_size))
+
+    def _decoder_tokens(self) -> list[int] | None:
+        """The closed output vocabulary of a findings-report decoder: every token of its sentences."""
+        if self.cfg.decoder.target != "findings":
+            return None
+        sentences = [finding_sentence(name, True) for name in self.findings] + [NO_FINDINGS_SENTENCE]
+        return sorted({t for ids in self.tokenizer(sentences)["input_ids"] for t in ids})
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +164,7 @@ class FoundationModel(nn.Module):
         enc = self.tokenize(texts, max_length=self.cfg.decoder.max_length)
         memory, valid = self.report_decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans)
         logits = self.report_decoder(memory, valid, enc["input_ids"], enc["attention_mask"])
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        labels = self.report_decoder.labels(enc["input_ids"], enc["attention_mask"])
         return {"report_logits": logits, "report_labels": labels}
 
     def _multiview_outputs(

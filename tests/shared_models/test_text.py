@@ -192,3 +192,29 @@ def test_a_partial_tower_needs_a_bert_style_layer_stack(tokenizer, monkeypatch, 
 def test_texts_must_be_a_list_of_strings(tokenizer, bad):
     with pytest.raises(TypeError, match="texts should be a list of strings"):
         encoder(tokenizer)(bad)
+
+
+def test_a_findings_report_decoder_writes_from_the_closed_vocabulary_of_its_sentences(make_tiny_config):
+    from shared_models.reports import NO_FINDINGS_SENTENCE, structured_findings_report
+
+    torch.manual_seed(0)
+    closed = build_model(make_tiny_config(decoder={"target": "findings"}))
+    full = build_model(make_tiny_config(decoder={"target": "report"}))
+    tok = closed.tokenizer
+    assert full.report_decoder.lm.config.vocab_size == len(tok)
+    decoder = closed.report_decoder
+    assert 10 < decoder.lm.config.vocab_size < 200  # a few dozen tokens, not 30,522
+    assert torch.equal(decoder.to_sub[decoder.to_full], torch.arange(len(decoder.to_full)))  # ids map back
+    reports = [structured_findings_report({"Pleural effusion": True, "Cardiomegaly": True}), NO_FINDINGS_SENTENCE]
+    enc = closed.tokenize(reports, max_length=closed.cfg.decoder.max_length)
+    labels = decoder.labels(enc["input_ids"], enc["attention_mask"])
+    unk = int(decoder.to_sub[tok.unk_token_id])
+    kept = labels[labels != -100]
+    assert (kept != unk).all() and int(kept.max()) < decoder.lm.config.vocab_size  # every report token is covered
+    assert torch.equal(decoder.to_full[kept], enc["input_ids"][enc["attention_mask"] == 1])
+    assert int(decoder.labels(torch.tensor([[tok.convert_tokens_to_ids("zebra")]]), torch.ones(1, 1))) == unk
+    # generation maps back to tokenizer ids, all of the closed set
+    vis = closed.vision(torch.randn(2, 1, *closed.cfg.preprocess.size))
+    memory, valid = decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans)
+    ids = decoder.generate(memory, valid, max_new_tokens=8)
+    assert ids[0, 0] == tok.cls_token_id and set(ids.flatten().tolist()) <= set(decoder.to_full.tolist())
