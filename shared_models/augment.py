@@ -22,7 +22,7 @@ from .config import AugmentConfig
 def augment_volumes(volumes: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augmented copies of ``volumes [B, C, D, H, W]`` (each study its own draw); the input is untouched.
 
-    Draws come from ``generator`` (CPU) in a fixed order: shifts, scales, noise levels, noise, translations.
+    Draws come from ``generator`` (CPU) in a fixed order: scales, shifts, noise levels, noise, translations.
     """
     if volumes.dim() != 5:
         raise ValueError(f"volumes should be [B, C, D, H, W], got shape {tuple(volumes.shape)}.")

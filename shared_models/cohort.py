@@ -116,15 +116,17 @@ class Collate:
 
     Args:
         model_cfg: the model config (vocabulary and multi-view settings).
-        max_osl_pairs: OSL sentence pairs drawn per study.
+        max_osl_pairs: OSL sentence pairs drawn per study (default: the config's ``osl_pairs``; 0 = all).
         seed: seed of the OSL phrasing, view positions and volume augmentation (advanced per batch).
         augment: apply the config's ``augment`` section to the volumes (training batches only).
     """
 
-    def __init__(self, model_cfg: ModelConfig, max_osl_pairs: int = 4, seed: int = 0, augment: bool = False) -> None:
+    def __init__(self, model_cfg: ModelConfig, max_osl_pairs: int | None = None, seed: int = 0,
+                 augment: bool = False) -> None:
         self.cfg = model_cfg
         self.augment = augment
-        self.max_osl_pairs = max_osl_pairs
+        pairs = model_cfg.osl_pairs if max_osl_pairs is None else max_osl_pairs
+        self.max_osl_pairs = pairs or None
         self.seed = seed
         self.calls = 0
 

@@ -204,6 +204,8 @@ class ModelConfig:
         logit_scale_init / logit_scale_max: CLIP temperature as a learnable log-scale, clamped to max.
         clip_loss: ``"softmax"`` (CLIP InfoNCE) or ``"sigmoid"`` (SigLIP).
         vocabulary: findings vocabulary of the supervised head and OSL (``"ct_rate"``, ``"brain_mri"``).
+        osl_pairs: Opposite Sentence Loss pairs drawn per study among the findings its report mentions
+            (0 = every mentioned finding).
         objectives: default loss weights by objective name (a run recipe may override them).
     """
 
@@ -221,6 +223,7 @@ class ModelConfig:
     logit_scale_max: float = math.log(100.0)
     clip_loss: str = "softmax"
     vocabulary: str = "ct_rate"
+    osl_pairs: int = 4
     objectives: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})
 
     def __post_init__(self) -> None:
@@ -270,6 +273,8 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"text.lr_scale should be a finite number >= 0, got {cfg.text.lr_scale}.")
     if not 0.0 < cfg.mae.mask_ratio < 1.0:
         raise ValueError(f"mae.mask_ratio should be in (0, 1), got {cfg.mae.mask_ratio}.")
+    if cfg.osl_pairs < 0:
+        raise ValueError(f"osl_pairs should be >= 0 (0 = every mentioned finding), got {cfg.osl_pairs}.")
     if cfg.decoder.target not in ("findings", "report"):
         raise ValueError(f"decoder.target should be 'findings' or 'report', got {cfg.decoder.target!r}.")
     if cfg.clip_loss not in ("softmax", "sigmoid"):

@@ -151,3 +151,15 @@ def test_report_target_follows_the_decoder_target(site, make_tiny_config, target
         assert data[i]["report_target"] == expected  # never augmented
         if not augment:
             assert data[i]["report"] == report_body(study["report"])
+
+
+def test_osl_pairs_per_study_come_from_the_config_and_zero_takes_every_mentioned_finding(site, make_tiny_config):
+    def pairs_per_study(cfg, **kwargs):
+        data = SiteDataset(site.cache_dir, cfg)
+        batch = Collate(cfg, seed=3, **kwargs)([data[i] for i in range(3)])
+        return torch.bincount(batch["osl_index"], minlength=3).tolist()
+
+    every = pairs_per_study(make_tiny_config(osl_pairs=0))
+    assert max(every) > 1  # the first report mentions two findings (effusion, cardiomegaly)
+    assert pairs_per_study(make_tiny_config(osl_pairs=1)) == [min(n, 1) for n in every]
+    assert pairs_per_study(make_tiny_config(osl_pairs=1), max_osl_pairs=0) == every  # an explicit argument wins
