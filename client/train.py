@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared_models import build_model, load_arrays, model_to_arrays
+from shared_models import arrays_digest, build_model, frozen_keys, load_arrays, model_to_arrays
 from shared_models.objectives import check_weights
 from shared_models.training import StepSettings, derive_seed, make_optimizer, run_steps
 
@@ -53,6 +53,7 @@ class RoundConfig:
     weight_decay: float = 0.05
     max_grad_norm: float = 1.0
     uniform_weights: bool = False  # DP-FedAvg: every site counts as one example
+    frozen_digest: str = ""  # SHA-256 of the arrays that stay at the sites (shared_models.arrays_digest)
 
     def to_flat(self) -> dict[str, Any]:
         flat = {k: v for k, v in self.__dict__.items() if k != "weights"}
@@ -123,6 +124,28 @@ def check_cache_matches(site_cfg: SiteConfig, model_cfg) -> None:
         )
 
 
+class FrozenPartMismatch(ValueError):
+    """This site's copy of the federation's frozen arrays (a locked text tower) differs from the server's."""
+
+
+def with_frozen_part(model, global_arrays: dict[str, np.ndarray], digest: str, site_cfg: SiteConfig) -> dict[str, np.ndarray]:
+    """The server's arrays completed with this site's own frozen arrays, which must match ``digest``.
+
+    Arrays that cannot train do not travel: the site builds them (the locked text tower from its local
+    model folder) and checks that they are byte for byte the federation's before training on them.
+    """
+    frozen = [k for k in frozen_keys(model) if k not in global_arrays]
+    if not frozen:
+        return global_arrays
+    local = model_to_arrays(model)
+    if digest and arrays_digest(local, frozen) != digest:
+        raise FrozenPartMismatch(
+            f"site {site_cfg.site_id}: the frozen part of the model built here ({len(frozen)} arrays, e.g. {frozen[0]}) "
+            f"differs from the federation's; the text encoder in text.model_dir must be the one the federation "
+            f"uses. Check the model section of {site_cfg.source} against the federation's preset.")
+    return {**{k: local[k] for k in frozen}, **global_arrays}
+
+
 def _dp_round(model, site_cfg: SiteConfig, rc: RoundConfig, steps: StepSettings, device: torch.device):
     """A round of sample-level DP-SGD (:mod:`client.dp_sgd`): (metrics, optimizer, optimizer resumed)."""
     from shared_models.cohort import Collate
@@ -177,7 +200,7 @@ def local_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: 
     model_cfg = site_cfg.model_config(preset=rc.preset).replace(objectives=rc.weights)
     check_cache_matches(site_cfg, model_cfg)
     model = build_model(model_cfg)
-    load_arrays(model, global_arrays)
+    load_arrays(model, with_frozen_part(model, global_arrays, rc.frozen_digest, site_cfg))
     model.to(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast (the losses) use TF32
@@ -207,7 +230,7 @@ def local_round(site_cfg: SiteConfig, global_arrays: dict[str, np.ndarray], rc: 
                                               find_unused_parameters=True)
         metrics = run_steps(trained, [site_cfg.cache_dir], steps, opt, device, anchor,
                             progress=progress.step if progress else None)
-    arrays = model_to_arrays(model)
+    arrays = {k: v for k, v in model_to_arrays(model).items() if k in global_arrays}  # what the server sent
     bad = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
     if bad:
         raise NonFiniteUpdate(f"local training produced non-finite weights in {len(bad)} arrays (e.g. {bad[0]}); "

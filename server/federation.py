@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from shared_models import build_model, load_model_config, model_to_arrays
+from shared_models import arrays_digest, build_model, frozen_keys, load_model_config, model_to_arrays
 
 from .checkpoint import RunFolder, load_arrays_file, restore_random_state
 from .metrics import ServerMetrics
@@ -51,8 +51,22 @@ def initial_arrays(settings: RunSettings) -> dict[str, np.ndarray]:
     return {k: loaded.get(k, v) for k, v in fresh.items()}
 
 
-def round_config(settings: RunSettings, server_round: int, run_key: str) -> ConfigRecord:
+def frozen_part(settings: RunSettings, arrays: dict[str, np.ndarray]) -> list[str]:
+    """The preset's arrays that cannot train (a locked text tower) and that every site builds alike from
+    its local model folder: they stay at the sites, which check them against the federation's digest;
+    only the rest travels. A randomly initialised text tower, or frozen arrays an init checkpoint
+    changed, cannot be rebuilt at a site, so they travel with the rest."""
+    cfg = load_model_config(settings.preset)
+    if cfg.text.random_init is not None:
+        return []
+    model = build_model(cfg)
+    fresh = model_to_arrays(model)
+    return [k for k in frozen_keys(model) if np.array_equal(fresh[k], arrays[k])]
+
+
+def round_config(settings: RunSettings, server_round: int, run_key: str, frozen_digest: str = "") -> ConfigRecord:
     flat = {
+        "frozen_digest": frozen_digest,
         "server_round": server_round, "preset": settings.preset, "local_steps": settings.local_steps,
         "lr": settings.lr_at(server_round), "run_key": run_key, "seed": settings.seed,
         "mae_alternate": settings.mae_alternate, "weight_decay": settings.weight_decay,
@@ -160,15 +174,18 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
         run_key = hashlib.sha256(f"{Path(settings.run_dir).resolve()}|{time.time()}".encode()).hexdigest()[:16]
         folder.save(0, arrays, {}, {"settings": settings.to_dict(), "run_key": run_key,
                                     "accountant": strategy.accountant_state()})
+    frozen = frozen_part(settings, arrays)
+    digest = arrays_digest(arrays, frozen)  # the frozen part never changes: only the rest is aggregated
     summary = {"rounds_completed": start - 1, "rounds_skipped": 0, "run_dir": str(folder.root), "stopped": None}
     metrics.run_started(settings)
     metrics.round.set(start - 1)
     for server_round in range(start, settings.rounds + 1):
         started = time.time()
         metrics.round_started(server_round)
-        config = round_config(settings, server_round, run_key)
+        config = round_config(settings, server_round, run_key, digest)
+        sent = {k: v for k, v in arrays.items() if k not in set(frozen)}
         try:
-            messages = strategy.configure_train(server_round, to_record(arrays), config, grid)
+            messages = strategy.configure_train(server_round, to_record(sent), config, grid)
         except PrivacyBudgetExhausted as err:  # the checkpoint of the last round is the final one
             summary["stopped"] = f"privacy budget exhausted before round {server_round}: {err}"
             log.warning("run stopped: %s; the final checkpoint is round %d's", summary["stopped"], server_round - 1)
@@ -190,11 +207,11 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
             del replies
         skipped = aggregated is None
         if not skipped:  # keep each array's dtype (FedAdam's update would make float64)
-            arrays = {k: v.numpy().astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}
+            arrays = {**arrays, **{k: v.numpy().astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}}
         record: dict[str, Any] = {
             "round": server_round, "lr": config["lr"], "skipped": skipped,
             "participation": strategy.participation, "train": dict(train_metrics) if train_metrics else {},
-            "bytes_received": bytes_in, "bytes_sent_per_site": sum(a.nbytes for a in arrays.values()),
+            "bytes_received": bytes_in, "bytes_sent_per_site": sum(a.nbytes for a in sent.values()),
             "aggregation_seconds": round(time.time() - aggregation_started, 3),
         }
         if (spent := privacy_state(strategy)) is not None:

@@ -8,7 +8,7 @@ and the server agree byte for byte whatever wrappers a site uses.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -92,3 +92,29 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray | torch.Tensor
     """Load named arrays into ``model`` (wrapped or not), after :func:`arrays_to_state_dict`'s checks."""
     bare = unwrap_model(model)
     bare.load_state_dict(arrays_to_state_dict(arrays, bare), strict=True)
+
+
+def frozen_keys(model: nn.Module) -> list[str]:
+    """State-dict keys (as :func:`model_to_arrays` names them) of what cannot train: parameters with
+    ``requires_grad`` False, and the buffers of modules whose parameters are all frozen (a locked text
+    tower's position ids). They need not travel between sites and server: both build them alike."""
+    bare = unwrap_model(model)
+    frozen = {strip_wrapper_prefixes(n) for n, p in bare.named_parameters() if not p.requires_grad}
+    for name, _ in bare.named_buffers():
+        owner = bare.get_submodule(name.rsplit(".", 1)[0]) if "." in name else bare
+        params = list(owner.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.add(strip_wrapper_prefixes(name))
+    return sorted({strip_wrapper_prefixes(k) for k in bare.state_dict()} & frozen)
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray], keys: Iterable[str] | None = None) -> str:
+    """SHA-256 over the named arrays (``keys``, default all) in sorted order: names, dtypes, shapes, bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(arrays if keys is None else keys):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()

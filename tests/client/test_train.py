@@ -131,3 +131,23 @@ def test_gpu_compute_options_keep_the_state_dict_layout(trained_site):
     assert model.vision.patch_embed.weight.is_contiguous(memory_format=torch.channels_last_3d)
     arrays = model_to_arrays(model)
     assert list(arrays) == list(start) and all(arrays[k].shape == start[k].shape for k in start)
+
+
+def test_a_site_completes_the_frozen_part_itself_and_refuses_one_that_differs(trained_site):
+    from client.train import FrozenPartMismatch, with_frozen_part
+    from shared_models import arrays_digest
+
+    cfg, _, _ = trained_site
+    model = build_model(cfg.model_config())
+    model.text.requires_grad_(False)  # a locked tower (frozen_keys reads requires_grad)
+    arrays = model_to_arrays(model)
+    frozen = [k for k in arrays if k.startswith("text.")]
+    sent = {k: v for k, v in arrays.items() if k not in frozen}
+    digest = arrays_digest(arrays, frozen)
+    completed = with_frozen_part(model, sent, digest, cfg)
+    assert set(completed) == set(arrays) and all(np.array_equal(completed[k], arrays[k]) for k in arrays)
+    assert with_frozen_part(model, arrays, digest, cfg) is arrays  # everything sent: nothing to complete
+    other = build_model(cfg.model_config())  # another random text tower: not the federation's
+    other.text.requires_grad_(False)
+    with pytest.raises(FrozenPartMismatch, match=r"site test-site: the frozen part .* text\.model_dir .*site\.yaml"):
+        with_frozen_part(other, sent, digest, cfg)

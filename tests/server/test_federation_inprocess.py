@@ -17,6 +17,7 @@ from server.federation import initial_arrays, run_federation, to_record
 from server.settings import RunSettings, settings_from_run_config
 from shared_models import build_model, load_arrays, load_model_config, load_preset, model_to_arrays
 
+
 NODES = (101, 102)
 
 
@@ -257,8 +258,11 @@ def test_each_recipe_runs_a_federated_round(recipe, tmp_path, tiny_sites, inproc
     assert not history[0]["skipped"], history[0]["participation"]
     assert history[0]["participation"]["valid"] == 2
     used = {k[len("loss."):] for k in history[0]["train"] if k.startswith("loss.")}
-    vision_language = {k for k, w in s.objectives.items() if w > 0 and k != "mae"} or {"mae"}
-    assert used == vision_language  # one local step: the vision-language batch (MAE alternates)
+    active = {k for k, w in s.objectives.items() if w > 0}
+    if s.mae_alternate:  # one local step: the vision-language batch (MAE has the next one)
+        assert used == ({k for k in active if k != "mae"} or {"mae"})
+    else:  # MAE runs on every batch beside the rest
+        assert used == active
     checkpoint = RunFolder(s.run_dir).checkpoints / "round_0001"
     if s.strategy == "fedadam":
         state = load_arrays_file(checkpoint / "strategy.safetensors")
@@ -270,3 +274,31 @@ def test_each_recipe_runs_a_federated_round(recipe, tmp_path, tiny_sites, inproc
     assert mu == ({plan["proximal_mu"]} if s.strategy == "fedprox" else {0.0})
     if s.strategy == "fedprox":
         assert plan["proximal_mu"] > 0
+
+
+def test_a_locked_text_tower_stays_at_the_sites_and_only_the_rest_travels(tmp_path, tiny_sites, inprocess_grid,
+                                                                          model_yaml_writer):
+    """With the text tower locked (the tiny preset's MiniLM, trainable_layers 0) its arrays never travel:
+    each site builds them from its own copy and checks them against the round's digest."""
+    from shared_models import arrays_digest, frozen_keys
+
+    model_yaml = model_yaml_writer(tmp_path / "locked.yaml", text={"trainable_layers": 0})  # the shipped MiniLM
+    sites, _ = tiny_sites(2, model_yaml=model_yaml)
+    grid = real_grid(inprocess_grid, sites)
+    s = run_settings(model_yaml, tmp_path / "run", rounds=1, local_steps=1)
+    summary = run_federation(grid, s)
+    initial = load_arrays_file(RunFolder(s.run_dir).checkpoints / "round_0000" / "global.safetensors")
+    frozen = set(frozen_keys(build_model(load_model_config(str(model_yaml)))))
+    assert frozen and all(k.startswith("text.") for k in frozen)
+    for m in grid.received:
+        sent = set(m.content.array_records["arrays"])
+        assert sent == set(initial) - frozen
+        assert m.content["config"]["frozen_digest"] == arrays_digest(initial, sorted(frozen))
+    history = RunFolder(s.run_dir).history()
+    assert not history[0]["skipped"] and history[0]["participation"]["valid"] == 2
+    assert history[0]["bytes_sent_per_site"] == sum(initial[k].nbytes for k in set(initial) - frozen)
+    assert history[0]["bytes_sent_per_site"] < 0.5 * sum(a.nbytes for a in initial.values())
+    final = summary["final_arrays"]
+    assert set(final) == set(initial)  # the checkpoint is the whole model
+    assert all(np.array_equal(final[k], initial[k]) for k in frozen)
+    assert max_abs_diff({k: final[k] for k in set(final) - frozen}, {k: initial[k] for k in set(final) - frozen}) > 0

@@ -72,3 +72,44 @@ def test_scalars_that_travelled_as_shape_one_load_back():
     assert arrays["scale"].shape == (1,)  # no 0-d arrays on the wire
     state = arrays_to_state_dict(arrays, model)
     assert state["scale"].shape == () and state["scale"].item() == 2.5
+
+
+class HalfFrozen(nn.Module):
+    """A trainable head beside a frozen tower that owns a buffer (as a locked text tower owns position ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = nn.Linear(3, 4)
+        self.tower.register_buffer("ids", torch.arange(4))
+        self.tower.requires_grad_(False)
+        self.head = nn.Linear(4, 2)
+        self.head.register_buffer("scale", torch.ones(1))
+
+
+def test_frozen_keys_are_the_frozen_parameters_and_the_buffers_of_all_frozen_modules():
+    from shared_models.state import frozen_keys
+
+    model = HalfFrozen()
+    assert frozen_keys(model) == ["tower.bias", "tower.ids", "tower.weight"]
+    wrapped = nn.Module()
+    wrapped.module = model  # as DDP wraps a model
+    assert frozen_keys(wrapped) == frozen_keys(model)
+    model.tower.bias.requires_grad_(True)  # a module with one trainable parameter keeps its buffers travelling
+    assert frozen_keys(model) == ["tower.weight"]
+    assert frozen_keys(small_model()) == []
+
+
+def test_arrays_digest_covers_names_dtypes_shapes_and_bytes():
+    from shared_models.state import arrays_digest
+
+    arrays = model_to_arrays(HalfFrozen())
+    keys = ["tower.bias", "tower.weight"]
+    digest = arrays_digest(arrays, keys)
+    assert digest == arrays_digest(dict(reversed(list(arrays.items()))), list(reversed(keys)))  # order-free
+    assert digest != arrays_digest(arrays)  # other keys, other digest
+    changed = {**arrays, "tower.bias": arrays["tower.bias"].copy()}
+    changed["tower.bias"][0] = np.nextafter(changed["tower.bias"][0], np.float32(np.inf))
+    assert arrays_digest(changed, keys) != digest  # one ulp
+    assert arrays_digest({**arrays, "tower.bias": arrays["tower.bias"].astype(np.float64)}, keys) != digest
+    assert arrays_digest({**arrays, "tower.weight": arrays["tower.weight"].reshape(3, 4)}, keys) != digest
+    assert arrays_digest({"tower.weight": arrays["tower.weight"], "tower.bias": arrays["tower.bias"]}) == digest
