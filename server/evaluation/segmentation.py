@@ -1,7 +1,7 @@
 """Segmentation probe (the seeds' dense task): a light decoder on the frozen encoder, Dice per label.
 
-The encoder's token grid ``[W, Dt, Ht, Wt]`` goes through a MONAI UNETR-style up-sampling block and
-an output block, then trilinear up-sampling to the volume size. Only the decoder trains (briefly,
+The encoder's token grid ``[W, Dt, Ht, Wt]`` goes through a small UNETR decoder (MONAI blocks) with
+UNETR's skip connection from the input volume. Only the decoder trains (briefly,
 DiceCE loss) on the studies of a fixed split that have masks; Dice per label is measured on the
 others. Masks are looked up as ``MASKS/<AccessionNumber>/findings.nii.gz`` (what ``fedvlp-site
 synth`` writes) and put on the model grid with :func:`shared_models.volumes.preprocess_label_map`.
@@ -29,19 +29,42 @@ log = logging.getLogger(__name__)
 
 
 class ProbeDecoder(nn.Module):
-    """Token grid -> per-voxel logits: UnetrPrUpBlock (MONAI) + UnetOutBlock + trilinear resize."""
+    """Frozen token grid (+ the input volume) -> per-voxel logits, UNETR's decoder in small.
 
-    def __init__(self, width: int, classes: int, upsamples: int, channels: int = 32) -> None:
+    As in UNETR, the decoder has a skip connection from the input volume (a MONAI UnetrBasicBlock at
+    full resolution): the token grid says what is where at the token scale (80 mm for the tiny preset),
+    the skip gives the decoder the edges to draw it with. The token grid is up-sampled by a
+    UnetrPrUpBlock to half the volume's resolution, a UnetrUpBlock merges it with the skip, a
+    UnetOutBlock gives the classes.
+
+    Args:
+        width: token width. classes: output classes (background included). upsamples: log2 of the
+            volume size over the token grid size. channels: decoder channels.
+    """
+
+    def __init__(self, width: int, classes: int, upsamples: int, channels: int = 16) -> None:
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrPrUpBlock
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
-        self.up = UnetrPrUpBlock(spatial_dims=3, in_channels=width, out_channels=channels, num_layer=max(0, upsamples - 1),
-                                 kernel_size=3, stride=1, upsample_kernel_size=2, norm_name="instance",
-                                 conv_block=True, res_block=True)
+        common = {"spatial_dims": 3, "norm_name": "instance"}
+        if upsamples >= 2:
+            self.grid_up = UnetrPrUpBlock(in_channels=width, out_channels=channels, num_layer=upsamples - 2,
+                                          kernel_size=3, stride=1, upsample_kernel_size=2, conv_block=True,
+                                          res_block=True, **common)
+        else:
+            self.grid_up = nn.Conv3d(width, channels, kernel_size=1)
+        self.skip = UnetrBasicBlock(in_channels=1, out_channels=channels, kernel_size=3, stride=1, res_block=True, **common)
+        self.merge = UnetrUpBlock(in_channels=channels, out_channels=channels, kernel_size=3, upsample_kernel_size=2,
+                                  res_block=True, **common)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=channels, out_channels=classes)
 
-    def forward(self, grid: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-        return F.interpolate(self.out(self.up(grid)), size=size, mode="trilinear", align_corners=False)
+    def forward(self, grid: torch.Tensor, volume: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+        skip = self.skip(volume)
+        up = self.grid_up(grid)
+        up = F.interpolate(up, size=tuple(n // 2 for n in skip.shape[2:]), mode="trilinear", align_corners=False)
+        logits = self.out(self.merge(up, skip))
+        return logits if tuple(logits.shape[2:]) == tuple(size) else F.interpolate(
+            logits, size=size, mode="trilinear", align_corners=False)
 
 
 def _token_grid(model, volume: torch.Tensor) -> torch.Tensor:
@@ -96,6 +119,7 @@ def segmentation_probe(model, cohort: str | Path, masks_dir: str | Path, label_n
         train_idx, test_idx = np.arange(len(studies) - 1), np.array([len(studies) - 1])
     device = model.device
     feats = [_token_grid(model, s["volume"].to(device)) for s in studies]
+    volumes = [s["volume"].to(device) for s in studies]
     size = tuple(studies[0]["labels"].shape)
     upsamples = max(1, int(round(math.log2(size[0] / feats[0].shape[2]))))
     torch.manual_seed(seed)
@@ -108,13 +132,13 @@ def segmentation_probe(model, cohort: str | Path, masks_dir: str | Path, label_n
         i = int(rng.choice(train_idx))
         target = lookup[studies[i]["labels"]][None, None].to(device)
         optimizer.zero_grad()
-        loss_fn(decoder(feats[i], size), target).backward()
+        loss_fn(decoder(feats[i], volumes[i], size), target).backward()
         optimizer.step()
     decoder.eval()
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     with torch.no_grad():
         for i in test_idx:
-            pred = decoder(feats[int(i)], size).argmax(1)
+            pred = decoder(feats[int(i)], volumes[int(i)], size).argmax(1)
             n = len(present) + 1
             metric(F.one_hot(pred, n).permute(0, 4, 1, 2, 3).float(),
                    F.one_hot(lookup[studies[int(i)]["labels"]][None].to(device), n).permute(0, 4, 1, 2, 3).float())
