@@ -87,9 +87,10 @@ def rounds_figure(history: list[dict[str, Any]]) -> str | None:
 
 def write_html_report(metrics: dict[str, Any], out: str | Path, roc: dict | None = None,
                       history: list[dict[str, Any]] | None = None, title: str = "fedvlp evaluation",
-                      privacy: list[tuple[str, str]] | None = None) -> Path:
+                      privacy: list[tuple[str, str]] | None = None, note: str | None = None) -> Path:
     """Write the HTML report; ``roc`` is ``{finding: (labels, scores)}``, ``history`` the run's rounds,
-    ``privacy`` the run's privacy report as (label, text) rows."""
+    ``privacy`` the run's privacy report as (label, text) rows, ``note`` a line on what the figures can
+    and cannot show (printed under the title)."""
     out = Path(out)
     headline = [k for k in ("zero_shot.macro_auroc", "findings_head.macro_auroc", "probe.macro_auroc",
                             "retrieval.report_to_volume.recall@5", "retrieval.volume_to_report.recall@5",
@@ -101,6 +102,7 @@ def write_html_report(metrics: dict[str, Any], out: str | Path, roc: dict | None
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style>",
              f"<h1>{html.escape(title)}</h1>", f"<p>{metrics.get('cohort.studies', '?')} studies in the cohort.</p>",
+             *([f"<p><b>What this shows:</b> {html.escape(note)}</p>"] if note else []),
              "<h2>Summary</h2><table><tr><th>metric</th><th>value</th></tr>"]
     parts += [f"<tr><td>{k}</td><td>{_fmt(metrics[k])}</td></tr>" for k in headline]
     ci = metrics.get("zero_shot.macro_ci")

@@ -17,11 +17,15 @@ HEADLINE = ("zero_shot.macro_auroc", "findings_head.macro_auroc", "probe.macro_a
 
 
 def write_run_report(run_dir: str | Path, out: str | Path, wall_seconds: float | None = None,
-                     evaluation: dict[str, Any] | None = None, html: Path | None = None) -> Path:
-    """A Markdown report of a run folder (``history.jsonl``), with a final evaluation if given."""
+                     evaluation: dict[str, Any] | None = None, html: Path | None = None,
+                     note: str | None = None) -> Path:
+    """A Markdown report of a run folder (``history.jsonl``), with a final evaluation if given and a
+    line (``note``) on what its figures can and cannot show."""
     run_dir, out = Path(run_dir), Path(out)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
     lines = [f"# Federated run report: {run_dir}", ""]
+    if note:
+        lines += [f"What this shows: {note}", ""]
     if wall_seconds is not None:
         lines += [f"Wall time: {wall_seconds:.0f} s.", ""]
     lines += ["## Rounds", "", "| round | sites sampled | replied | valid | rejected / errors | skipped | lr | train loss "
