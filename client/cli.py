@@ -194,7 +194,7 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_supernode(args) -> int:
-    from .supernode import process_isolation, run_supernode
+    from .supernode import check_heartbeat_interval, process_isolation, run_supernode
 
     flags = args.args[1:] if args.args[:1] == ["--"] else args.args
     if not flags:
@@ -206,7 +206,12 @@ def cmd_supernode(args) -> int:
         process_isolation(flags)
     except ValueError as err:
         raise SiteConfigError(f"supernode: {err}") from None
-    return run_supernode(flags, str(Path(args.config).resolve()), tries=args.rejoin_tries, wait_s=args.rejoin_wait)
+    try:
+        check_heartbeat_interval(args.heartbeat_interval)
+    except ValueError as err:
+        raise SiteConfigError(f"supernode: {err}") from None
+    return run_supernode(flags, str(Path(args.config).resolve()), tries=args.rejoin_tries, wait_s=args.rejoin_wait,
+                         heartbeat_interval=args.heartbeat_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="the site YAML whose privacy section the runner enforces")
     p.add_argument("--rejoin-tries", type=int, default=12, help="starts before giving up (default 12)")
     p.add_argument("--rejoin-wait", type=float, default=10.0, help="seconds between starts (default 10)")
+    p.add_argument("--heartbeat-interval", type=float, default=None,
+                   help="seconds between the SuperNode's heartbeats, 10 to 1800 (default Flower's 30); the "
+                   "SuperLink counts the site out two intervals after its last one (a dead site leaves its round, "
+                   "a restarted one may rejoin, that much sooner)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then flower-supernode's own arguments")
     p.set_defaults(func=cmd_supernode)
     p = sub.add_parser("runner", help="the site runner: take the SuperNode's ClientApp tasks, vet each FAB, "

@@ -14,6 +14,13 @@ last heartbeat) and refuses to activate the new one: ``flower-supernode`` prints
 ("Failed to activate SuperNode") and exits with status 1, without retrying. This wrapper passes the
 SuperNode's output through unchanged and, on exactly that refusal, starts it again after a pause.
 Any other exit is returned as it is, so a real misconfiguration still stops the site.
+
+``--heartbeat-interval S`` (10 to 1800 s; default Flower's 30) sets how often the SuperNode tells the
+SuperLink it is alive, and so how soon (two intervals after its last heartbeat) the SuperLink counts a
+dead site out of its round and lets a restarted one in. Flower 1.41 has no flag for it: the SuperNode
+then runs through :func:`flower_supernode_with_heartbeat` (``python -m client.supernode``), which sets
+the interval in Flower's SuperNode connection and heartbeat sender (two module names, pinned with
+Flower in pyproject.toml) and runs the stock ``flower-supernode`` with the same arguments.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REFUSED = b"Exit Code: 305"  # Flower's code for a SuperNode the SuperLink would not activate
+HEARTBEAT_RANGE = (10.0, 1800.0)  # what Flower's SuperLink accepts (HEARTBEAT_MIN/MAX_INTERVAL)
 
 
 def _adopt_orphans() -> None:
@@ -112,20 +120,66 @@ def process_isolation(args: list[str]) -> tuple[list[str], str]:
     return (args if isolation else [*args, "--isolation", "process"]), f"{host}:{port}"
 
 
+def check_heartbeat_interval(seconds: float | None) -> None:
+    low, high = HEARTBEAT_RANGE
+    if seconds is not None and not low <= seconds <= high:
+        raise ValueError(f"--heartbeat-interval {seconds:g}: the SuperLink accepts {low:g} to {high:g} seconds.")
+
+
+def supernode_command(args: list[str], heartbeat_interval: float | None = None) -> list[str]:
+    """The command that runs ``flower-supernode ARGS``: the stock one, or with another heartbeat interval
+    through :func:`flower_supernode_with_heartbeat`."""
+    if heartbeat_interval is None:
+        executable = shutil.which("flower-supernode")
+        if executable is None:
+            raise FileNotFoundError("flower-supernode is not on PATH: install the project (pip install -e .) "
+                                    "in the environment this command runs from.")
+        return [executable, *args]
+    check_heartbeat_interval(heartbeat_interval)
+    return [sys.executable, "-m", "client.supernode", "--heartbeat-interval", repr(float(heartbeat_interval)), *args]
+
+
+def set_heartbeat_interval(seconds: float) -> None:
+    """Make this process's Flower SuperNode announce and keep a heartbeat of ``seconds``: the interval it
+    sends the SuperLink (``ActivateNode``, ``SendNodeHeartbeat``) and the pace of its heartbeat sender
+    (Flower sends one every 0.7 to 0.9 times the interval less the 5 s call timeout). Only this process:
+    the task leases of the SuperNode's Runtime API keep Flower's interval, as the site runner's do."""
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
+
+    check_heartbeat_interval(seconds)
+    for module in (connection, heartbeat):
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            raise RuntimeError(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL: this Flower version is not "
+                               "the one --heartbeat-interval was written for; leave the option out.")
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
+def flower_supernode_with_heartbeat(argv: list[str]) -> None:
+    """``python -m client.supernode --heartbeat-interval S ARGS...``: ``flower-supernode ARGS`` in this
+    process, with a heartbeat of ``S`` seconds."""
+    if len(argv) < 2 or argv[0] != "--heartbeat-interval":
+        raise SystemExit("usage: python -m client.supernode --heartbeat-interval SECONDS FLOWER_SUPERNODE_ARGS...")
+    set_heartbeat_interval(float(argv[1]))
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv[2:]]
+    flower_supernode()
+
+
 def start_runner(site_config: str, runtime_api_address: str) -> subprocess.Popen:
     """``fedvlp-site runner`` from this installation (never from a FAB), output to ours."""
     return subprocess.Popen([sys.executable, "-m", "client.cli", "runner", "--config", site_config,
                              "--runtime-api-address", runtime_api_address])
 
 
-def run_supernode(args: list[str], site_config: str, tries: int = 12, wait_s: float = 10.0) -> int:
+def run_supernode(args: list[str], site_config: str, tries: int = 12, wait_s: float = 10.0,
+                  heartbeat_interval: float | None = None) -> int:
     """Run ``flower-supernode ARGS --isolation process`` and the site runner for ``site_config``; retry the
-    SuperNode up to ``tries`` times while its activation is refused. Returns the SuperNode's status."""
-    executable = shutil.which("flower-supernode")
-    if executable is None:
-        raise FileNotFoundError("flower-supernode is not on PATH: install the project (pip install -e .) "
-                                "in the environment this command runs from.")
+    SuperNode up to ``tries`` times while its activation is refused. ``heartbeat_interval``: seconds
+    (default Flower's). Returns the SuperNode's status."""
     args, runtime_api_address = process_isolation(args)
+    command = supernode_command(args, heartbeat_interval)
     stopping = runner_died = False
     child: subprocess.Popen | None = None
     runner: subprocess.Popen | None = None
@@ -154,7 +208,7 @@ def run_supernode(args: list[str], site_config: str, tries: int = 12, wait_s: fl
         for attempt in range(1, tries + 1):
             if stopping:
                 return rc
-            child = subprocess.Popen([executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             tail: deque[bytes] = deque(maxlen=40)  # enough to see Flower's exit message, never the whole log
             reader = threading.Thread(target=_forward, args=(child.stdout, tail), daemon=True)
             reader.start()
@@ -185,3 +239,7 @@ def run_supernode(args: list[str], site_config: str, tries: int = 12, wait_s: fl
                 runner.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    flower_supernode_with_heartbeat(sys.argv[1:])

@@ -34,7 +34,7 @@ CONNECTION = "local-deployment"
 # Sites run their SuperNode through `fedvlp-site supernode` (client/supernode.py): with --isolation process and
 # the site runner, which vets each FAB and filters each reply; it also retries the refusal a SuperNode
 # restarted right after a crash gets until the SuperLink marks its previous session offline
-SUPERNODE = ["fedvlp-site", "supernode", "--rejoin-wait", "5"]
+SUPERNODE = ["fedvlp-site", "supernode", "--rejoin-wait", "3"]
 
 
 def free_port() -> int:
@@ -107,12 +107,16 @@ class LocalFederation:
         site_configs: one site YAML per SuperNode.
         extra_env: environment added to every process.
         secure: TLS and SuperNode authentication (default), else plaintext.
+        heartbeat_s: the SuperNodes' heartbeat interval (``fedvlp-site supernode --heartbeat-interval``,
+            10 to 1800 s; default Flower's 30 s): the SuperLink counts a site whose heartbeats stop out of
+            its round, and lets the restarted site in, two intervals after its last heartbeat.
     """
 
     def __init__(self, workdir: str | Path, site_configs: list[str | Path], extra_env: dict[str, str] | None = None,
-                 secure: bool = True) -> None:
+                 secure: bool = True, heartbeat_s: float | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.secure = secure
+        self.heartbeat_s = heartbeat_s
         self.certs = self.workdir / "certs"
         self.site_configs = [str(Path(p).resolve()) for p in site_configs]
         self.logs = self.workdir / "logs"
@@ -223,8 +227,9 @@ class LocalFederation:
         """Start (or restart) site ``i``: its SuperNode and site runner (``via``: another address that reaches
         the Fleet API)."""
         self.node_ports[i] = self.node_ports[i] or free_port()
+        heartbeat = [] if self.heartbeat_s is None else ["--heartbeat-interval", str(self.heartbeat_s)]
         self.nodes[i] = self._spawn(f"supernode_{i}", [
-            *SUPERNODE, "--config", self.site_configs[i], "--", *self.supernode_args(i),
+            *SUPERNODE, *heartbeat, "--config", self.site_configs[i], "--", *self.supernode_args(i),
             "--superlink", via or self.fleet_address, "--port", str(self.node_ports[i]),
             "--node-config", f'site-config="{self.site_configs[i]}"',
         ])

@@ -121,3 +121,48 @@ def test_wrong_arguments_are_named(tmp_path, argv, message):
     argv = [str(site_yaml(tmp_path)) if a == "SITE" else a for a in argv]
     out = subprocess.run([sys.executable, "-m", "client.cli", *argv], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_a_heartbeat_interval_runs_the_supernode_through_the_shim_with_the_same_arguments(tmp_path, monkeypatch):
+    from client.supernode import supernode_command
+
+    env = fake_supernode(tmp_path, ["ok"])
+    monkeypatch.setenv("PATH", env["PATH"])
+    assert supernode_command(["--superlink", "h:1"]) == [str(tmp_path / "bin" / "flower-supernode"), "--superlink", "h:1"]
+    assert supernode_command(["--superlink", "h:1"], 12) == [
+        sys.executable, "-m", "client.supernode", "--heartbeat-interval", "12.0", "--superlink", "h:1"]
+    # `fedvlp-site supernode --heartbeat-interval` starts that command: Flower's SuperNode, which finds no
+    # SuperLink at 127.0.0.1:1 and exits
+    from server.local_federation import free_port
+
+    site = run_site(tmp_path, env, "--heartbeat-interval", "12", "--rejoin-tries", "1",
+                    flags=("--superlink", "127.0.0.1:1", "--port", str(free_port()), "--max-retries", "0", "--insecure"))
+    out, err = site.communicate(timeout=120)
+    assert not (tmp_path / "calls").exists()  # not the flower-supernode on PATH
+    assert site.returncode != 0 and "Starting Flower SuperNode" in out
+    assert runners(tmp_path) == []
+
+
+def test_the_shim_sets_the_interval_the_supernode_announces_and_keeps(monkeypatch):
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.cli as cli
+    import flwr.supernode.fleet_http_connection as connection
+
+    from client.supernode import flower_supernode_with_heartbeat
+
+    seen = {}
+    monkeypatch.setattr(connection, "HEARTBEAT_DEFAULT_INTERVAL", connection.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", heartbeat.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    monkeypatch.setattr(cli, "flower_supernode", lambda: seen.update(
+        argv=list(sys.argv), announced=connection.HEARTBEAT_DEFAULT_INTERVAL, pace=heartbeat.HEARTBEAT_DEFAULT_INTERVAL))
+    flower_supernode_with_heartbeat(["--heartbeat-interval", "12.0", "--superlink", "h:1", "--insecure"])
+    assert seen == {"argv": ["flower-supernode", "--superlink", "h:1", "--insecure"], "announced": 12.0, "pace": 12.0}
+
+
+@pytest.mark.parametrize("seconds", ["5", "3600"])
+def test_a_heartbeat_interval_the_superlink_refuses_is_named(tmp_path, seconds):
+    out = subprocess.run([sys.executable, "-m", "client.cli", "supernode", "--config", str(site_yaml(tmp_path)),
+                          "--heartbeat-interval", seconds, "--", "--superlink", "h:1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--heartbeat-interval" in out.stderr and "10 to 1800 seconds" in out.stderr
