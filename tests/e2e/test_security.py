@@ -1,46 +1,40 @@
 """Transport security and egress on a real deployment: TLS, SuperNode authentication, the Fleet gateway,
 the site runner's app policy against a hostile app, and every byte each site sends checked for identifiers.
 
-The federation is the same as tests/e2e/test_deployment.py (its ``cohort`` fixture is reused). What a
-site sends is read on the SuperNode's side of its TLS connection: a relay with a certificate of the
-federation's CA sits between the SuperNode and the Fleet gateway and keeps the decrypted bytes.
+The federation is the same as tests/e2e/test_deployment.py (the ``cohort`` and ``reference_run`` fixtures
+of tests/e2e/conftest.py are shared). What a site sends is read on the SuperNode's side of its TLS
+connection: a relay with a certificate of the federation's CA sits between the SuperNode and the Fleet
+gateway and keeps the decrypted bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import json
 import socket
-import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from client.cli import main as site_cli
 from client.ingest.cache import read_manifest
 from client.site_config import load_site_config
 from server.local_federation import LocalFederation, free_port, processes_using
-from server.tls import make_server_cert
 
 
-def _deployment_module():
-    """tests/e2e/test_deployment.py (tests are not a package: loaded by path) for its fixture and helpers."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_e2e_deployment", Path(__file__).with_name("test_deployment.py"))
+def _helpers():
+    """tests/e2e/conftest.py's helpers (tests are not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("_e2e_helpers", Path(__file__).with_name("conftest.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_deployment = _deployment_module()
-REPO, preset_override, run_config = _deployment.REPO, _deployment.preset_override, _deployment.run_config
-app_snapshot = _deployment.app_snapshot
-cohort = _deployment.cohort  # the module-scoped fixture: three small ingested synthetic sites
+_e2e = _helpers()
+REPO, preset_override, run_config = _e2e.REPO, _e2e.preset_override, _e2e.run_config
+app_snapshot, recorded_federation, site_yaml_with = _e2e.app_snapshot, _e2e.recorded_federation, _e2e.site_yaml_with
 
 
 def node_log(fed: LocalFederation, name: str) -> str:
@@ -118,74 +112,6 @@ def test_tls_node_auth_and_the_gateway_admit_registered_sites_to_the_fleet_api_o
     assert processes_using(fed.addresses()) == []
 
 
-class RecordingTlsProxy:
-    """A TLS relay from a SuperNode to the Fleet gateway that keeps every byte the SuperNode sends, decrypted:
-    the SuperNode's side of its connection. It shows a certificate of the federation's CA (made with the CA
-    key in ``certs``), so the SuperNode's check of the certificate passes as it does for the gateway."""
-
-    def __init__(self, certs: Path, name: str, target: int) -> None:
-        cert, key = make_server_cert(certs, certs, ["127.0.0.1"], name=f"relay-{name}")
-        self.server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.server_tls.load_cert_chain(cert, key)
-        self.client_tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-        self.port, self.target, self.sent = free_port(), target, bytearray()
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
-            self._relay, "127.0.0.1", self.port, ssl=self.server_tls), self.loop).result(timeout=30)
-
-    async def _relay(self, reader, writer) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target, ssl=self.client_tls,
-                                                                 server_hostname="127.0.0.1")
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
-
-    async def _pipe(self, reader, writer, record: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if record:
-                    self.sent += data
-                writer.write(data)
-                await writer.drain()
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def recorded_federation(workdir: Path, sites: list[Path]) -> tuple[LocalFederation, dict[int, RecordingTlsProxy]]:
-    """A secure federation whose every site connects through a :class:`RecordingTlsProxy`."""
-    fed, proxies = LocalFederation(workdir, sites), {}
-    original_start = fed.start_node
-
-    def start_node(i, via=None):
-        proxies[i] = proxies.get(i) or RecordingTlsProxy(fed.certs, str(i), fed.fleet_port)
-        original_start(i, f"127.0.0.1:{proxies[i].port}")
-
-    fed.start_node = start_node
-    return fed, proxies
-
-
-def site_yaml_with(cohort_site: Path, out: Path, privacy: dict) -> Path:
-    """A copy of a cohort site's YAML (absolute paths) with another ``privacy`` section."""
-    raw = yaml.safe_load(cohort_site.read_text())
-    folder = cohort_site.parent
-    raw["cache_dir"] = str(folder / raw["cache_dir"])
-    for key in ("dicom_root", "nifti_manifest"):
-        raw["data"][key] = str(folder / raw["data"][key])
-    raw["data"]["reports"]["path"] = str(folder / raw["data"]["reports"]["path"])
-    raw["privacy"] = privacy
-    out.write_text(yaml.safe_dump(raw))
-    return out
-
-
 def identifiers(site_yaml: Path) -> dict[str, set[str]]:
     """What must never leave the site: paths, UIDs, patient and accession identifiers, report text."""
     cfg = load_site_config(site_yaml)
@@ -205,35 +131,24 @@ def identifiers(site_yaml: Path) -> dict[str, set[str]]:
     return {k: {v for v in values if v and len(v) >= 6} for k, values in found.items()}
 
 
-def test_no_identifier_leaves_any_site(cohort, tmp_path):
+def test_no_identifier_leaves_any_site(reference_run):
     """Every byte each site sends over a 2-round run with TLS on (registration, heartbeats, pulls, replies) is
     read on the SuperNode's side of its TLS connection and searched for every site's identifiers; each
-    site's egress log shows the replies that left."""
-    sites = [site_yaml_with(cohort["sites"][i], tmp_path / f"site{i}.yaml",
-                            {"allowed_fab_hashes": "any", "egress_log": str(tmp_path / f"egress{i}.jsonl")})
-             for i in range(2)]
-    run_dir = tmp_path / "run"
-    fed, proxies = recorded_federation(tmp_path / "fed", sites)
-    try:
-        with fed:
-            result = fed.run(REPO, run_config(cohort, run_dir, 2, recipe=str(preset_override(cohort, run_dir))),
-                             timeout=900)
-            assert result.returncode == 0, (fed.logs / "run.log").read_text()[-3000:]
-    finally:
-        for proxy in proxies.values():
-            proxy.close()
-    secrets = [identifiers(site) for site in sites]
-    for i, proxy in proxies.items():
-        wire = bytes(proxy.sent)
+    site's egress log shows the replies that left. The run is ``reference_run`` (tests/e2e/conftest.py)."""
+    ref = reference_run
+    assert ref.run.returncode == 0, (ref.fed.logs / "run.log").read_text()[-3000:]
+    secrets = [identifiers(site) for site in ref.sites]
+    assert sorted(ref.wire) == [0, 1]
+    for i, wire in ref.wire.items():
         assert b"num-examples" in wire and b"train-loss" in wire  # the recording holds the replies, decrypted
         assert len(wire) > 2 * 1_000_000  # two rounds of weights went through
         leaks = {(j, kind): sorted(v for v in values if v.encode() in wire)
                  for j, found in enumerate(secrets) for kind, values in found.items()}
         assert all(not found for found in leaks.values()), (i, leaks)
-        egress = [json.loads(line) for line in (tmp_path / f"egress{i}.jsonl").read_text().splitlines()]
+        egress = [json.loads(line) for line in ref.egress[i].read_text().splitlines()]
         assert len(egress) == 2 and all(e["site_runner"] and e["metrics"]["num-examples"] > 0 for e in egress)
         assert all(e["fab_hash"] == egress[0]["fab_hash"] and not e.get("dropped") for e in egress)
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (ref.run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["participation"]["valid"] for h in history] == [2, 2]
 
 
@@ -257,7 +172,7 @@ def test_a_hostile_app_never_runs_where_pinned_and_sends_only_the_filtered_reply
             runs = {}
             for name, app in (("hostile", hostile), ("honest", honest)):
                 runs[name] = tmp_path / f"run_{name}"
-                result = fed.run(app, run_config(cohort, runs[name], 1, recipe=str(preset_override(cohort, runs[name])),
+                result = fed.run(app, run_config(runs[name], 1, recipe=str(preset_override(cohort, runs[name])),
                                                  **{"min-replies": 1}), timeout=900, log_name=f"run_{name}")
                 assert result.returncode == 0, (fed.logs / f"run_{name}.log").read_text()[-3000:]
     finally:
