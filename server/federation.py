@@ -174,7 +174,7 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
         run_key = hashlib.sha256(f"{Path(settings.run_dir).resolve()}|{time.time()}".encode()).hexdigest()[:16]
         folder.save(0, arrays, {}, {"settings": settings.to_dict(), "run_key": run_key,
                                     "accountant": strategy.accountant_state()})
-    frozen = frozen_part(settings, arrays)
+    frozen = set(frozen_part(settings, arrays))
     digest = arrays_digest(arrays, frozen)  # the frozen part never changes: only the rest is aggregated
     summary = {"rounds_completed": start - 1, "rounds_skipped": 0, "run_dir": str(folder.root), "stopped": None}
     metrics.run_started(settings)
@@ -183,7 +183,7 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
         started = time.time()
         metrics.round_started(server_round)
         config = round_config(settings, server_round, run_key, digest)
-        sent = {k: v for k, v in arrays.items() if k not in set(frozen)}
+        sent = {k: v for k, v in arrays.items() if k not in frozen}
         try:
             messages = strategy.configure_train(server_round, to_record(sent), config, grid)
         except PrivacyBudgetExhausted as err:  # the checkpoint of the last round is the final one
