@@ -18,6 +18,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from shared_models import wire
+
 from .approvals import site_policy
 from .egress import guard
 from .fab_pinning import pin_check
@@ -63,11 +65,15 @@ def train(msg: Message, context: Context) -> Message:
     site_cfg = _site_config(context)
     if site_cfg is None:
         raise ValueError("this SuperNode has no site config; start it with --node-config 'site-config=\"/abs/site.yaml\"'")
-    rc = RoundConfig.from_flat(dict(msg.content["config"]))
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    config = dict(msg.content["config"])
+    rc = RoundConfig.from_flat(config)
+    received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    layout = config.get(wire.LAYOUT_KEY)  # the server packs its arrays (shared_models.wire)
+    arrays = wire.unpack(received, str(layout)) if layout else received
     result = train_round(site_cfg, arrays, rc)
+    out = wire.pack({**arrays, **result.arrays}, str(layout)) if layout else result.arrays
     reply = RecordDict({
-        "arrays": ArrayRecord(array_dict={k: Array(v) for k, v in result.arrays.items()}),
+        "arrays": ArrayRecord(array_dict={k: Array(v) for k, v in out.items()}),
         "metrics": MetricRecord({"num-examples": result.num_examples, **result.metrics}),
     })
     return Message(reply, reply_to=msg)

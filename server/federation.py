@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from shared_models import arrays_digest, build_model, frozen_keys, load_model_config, model_to_arrays
+from shared_models import wire
 
 from .checkpoint import RunFolder, load_arrays_file, restore_random_state
 from .metrics import ServerMetrics
@@ -184,8 +185,10 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
         metrics.round_started(server_round)
         config = round_config(settings, server_round, run_key, digest)
         sent = {k: v for k, v in arrays.items() if k not in frozen}
+        layout = wire.layout_of(sent)  # the arrays travel packed, one buffer per dtype (shared_models.wire)
+        config[wire.LAYOUT_KEY] = layout
         try:
-            messages = strategy.configure_train(server_round, to_record(sent), config, grid)
+            messages = strategy.configure_train(server_round, to_record(wire.pack(sent)), config, grid)
         except PrivacyBudgetExhausted as err:  # the checkpoint of the last round is the final one
             summary["stopped"] = f"privacy budget exhausted before round {server_round}: {err}"
             log.warning("run stopped: %s; the final checkpoint is round %d's", summary["stopped"], server_round - 1)
@@ -207,7 +210,8 @@ def _run_rounds(grid: Grid, settings: RunSettings, evaluate: Evaluator | None, m
             del replies
         skipped = aggregated is None
         if not skipped:  # keep each array's dtype (FedAdam's update would make float64)
-            arrays = {**arrays, **{k: v.numpy().astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}}
+            aggregated = wire.unpack({k: v.numpy() for k, v in aggregated.items()}, layout)
+            arrays = {**arrays, **{k: v.astype(arrays[k].dtype, copy=False) for k, v in aggregated.items()}}
         record: dict[str, Any] = {
             "round": server_round, "lr": config["lr"], "skipped": skipped,
             "participation": strategy.participation, "train": dict(train_metrics) if train_metrics else {},
