@@ -132,6 +132,11 @@ class DecoderConfig:
         target: what the decoder learns to write. ``"findings"``: the study's findings as a structured
             report (``shared_models.reports.structured_findings_report``), as COLIPRI structures reports
             before training its decoder; ``"report"``: the report body as written.
+        findings_prompt: the decoder also cross-attends to one token per finding of the vocabulary, a
+            learned "present" and "absent" embedding mixed by the findings head's probability (detached:
+            the report loss does not train the head). Diagnosis-driven prompting as in PromptMRG (Jin et
+            al., AAAI 2024): without it, a decoder trained for a few hundred steps writes the cohort's most
+            common report for every study (one identical report for all 16 of the demo's studies).
     """
 
     width: int = 256
@@ -140,6 +145,7 @@ class DecoderConfig:
     max_length: int = 128
     memory_pool: int = 1
     target: str = "findings"
+    findings_prompt: bool = True
 
 
 @dataclass

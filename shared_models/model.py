@@ -55,7 +55,8 @@ class FoundationModel(nn.Module):
         self.findings_head = nn.Linear(width, len(self.findings))
         self.view_fusion = ViewTextFusion(width, self.text.width, cfg.pool_heads)
         self.view_pool = AttentionPool(width, cfg.pool_heads)
-        self.report_decoder = ReportDecoder(cfg.decoder, width, self.tokenizer, self._decoder_tokens())
+        self.report_decoder = ReportDecoder(cfg.decoder, width, self.tokenizer, self._decoder_tokens(),
+                                            num_findings=len(self.findings))
         if cfg.vision.kind == "vit":
             self.mae_decoder = MAEDecoder(width, cfg.mae, math.prod(cfg.vision.patch_size))
 
@@ -105,7 +106,7 @@ class FoundationModel(nn.Module):
     ) -> list[str]:
         """Greedy (or beam) report generation from the volumes' tokens."""
         vis = self.vision(volumes.to(self.device), scan_mask)
-        memory, valid = self.report_decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans)
+        memory, valid = self._decoder_memory(vis, self.vision_pool(vis.tokens, vis.valid))
         ids = self.report_decoder.generate(memory, valid, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
@@ -123,7 +124,7 @@ class FoundationModel(nn.Module):
             if "findings" in needed:
                 out.update(self._findings_outputs(batch, pooled))
             if "report" in needed:
-                out.update(self._report_outputs(batch, vis))
+                out.update(self._report_outputs(batch, vis, pooled))
         if needed & {"clip", "multiview"}:
             text_pooled, text_tokens, text_mask = self.text(list(_require(batch, "report", "clip/multiview")))
             out["text_embeddings"] = F.normalize(self.text_proj(text_pooled), dim=-1)
@@ -159,10 +160,19 @@ class FoundationModel(nn.Module):
             out["finding_mask"] = batch["finding_mask"].to(self.device)
         return out
 
-    def _report_outputs(self, batch: dict[str, Any], vis: VisionOutput) -> dict[str, Tensor]:
+    def _decoder_memory(self, vis: VisionOutput, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder's cross-attention memory; with ``decoder.findings_prompt``, the findings head's
+        probabilities (detached) as prompt tokens too, in training and in generation alike."""
+        probs = None
+        if self.cfg.decoder.findings_prompt:  # functional on detached weights: no gradient, no DP hook
+            head = self.findings_head
+            probs = torch.sigmoid(F.linear(pooled.detach(), head.weight.detach(), head.bias.detach()))
+        return self.report_decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans, probs)
+
+    def _report_outputs(self, batch: dict[str, Any], vis: VisionOutput, pooled: Tensor) -> dict[str, Tensor]:
         texts = batch.get("report_target") or _require(batch, "report", "report")
         enc = self.tokenize(texts, max_length=self.cfg.decoder.max_length)
-        memory, valid = self.report_decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans)
+        memory, valid = self._decoder_memory(vis, pooled)
         logits = self.report_decoder(memory, valid, enc["input_ids"], enc["attention_mask"])
         labels = self.report_decoder.labels(enc["input_ids"], enc["attention_mask"])
         return {"report_logits": logits, "report_labels": labels}

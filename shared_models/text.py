@@ -187,7 +187,8 @@ class ReportDecoder(nn.Module):
         tokenizer: the shared tokenizer. token_ids: the closed output vocabulary, or None for all.
     """
 
-    def __init__(self, cfg: DecoderConfig, vision_width: int, tokenizer, token_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, cfg: DecoderConfig, vision_width: int, tokenizer, token_ids: Sequence[int] | None = None,
+                 num_findings: int = 0) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -213,9 +214,18 @@ class ReportDecoder(nn.Module):
         )
         self.lm = GPT2LMHeadModel(config)
         self.memory_proj = nn.Linear(vision_width, cfg.width)
+        if cfg.findings_prompt:
+            if num_findings < 1:
+                raise ValueError("decoder.findings_prompt needs a findings vocabulary (num_findings >= 1).")
+            # row 2f: finding f absent, 2f+1: present (an Embedding, so DP-SGD's per-sample grads cover it)
+            self.finding_prompt = nn.Embedding(2 * num_findings, cfg.width)
+            nn.init.normal_(self.finding_prompt.weight, std=0.02)
 
-    def memory(self, tokens: Tensor, valid: Tensor, grid: tuple[int, ...], num_scans: int) -> tuple[Tensor, Tensor]:
-        """Project vision tokens to the decoder width; average-pool each scan's grid by ``memory_pool``."""
+    def memory(self, tokens: Tensor, valid: Tensor, grid: tuple[int, ...], num_scans: int,
+               findings_probs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Project vision tokens to the decoder width; average-pool each scan's grid by ``memory_pool``.
+        With ``decoder.findings_prompt``, ``findings_probs [B, F]`` (the findings head's probabilities)
+        add one prompt token per finding after the vision tokens."""
         k = self.cfg.memory_pool
         if k > 1 and len(grid) == 3 and all(g % k == 0 for g in grid):
             b, _, w = tokens.shape
@@ -224,7 +234,21 @@ class ReportDecoder(nn.Module):
             n = x.shape[1]
             tokens = x.reshape(b, num_scans * n, w)
             valid = valid.reshape(b, num_scans, -1)[:, :, :1].expand(b, num_scans, n).reshape(b, num_scans * n)
-        return self.memory_proj(tokens), valid
+        memory = self.memory_proj(tokens)
+        if not self.cfg.findings_prompt:
+            return memory, valid
+        if findings_probs is None:
+            raise ValueError("decoder.findings_prompt is on: memory() needs the findings head's probabilities.")
+        prompt = self._prompt(findings_probs.to(memory.dtype))
+        return torch.cat([memory, prompt], dim=1), torch.cat([valid, valid.new_ones(prompt.shape[:2])], dim=1)
+
+    def _prompt(self, probs: Tensor) -> Tensor:
+        """``[B, F]`` probabilities -> ``[B, F, W]``: p * present_f + (1 - p) * absent_f."""
+        b, f = probs.shape
+        rows = torch.arange(f, device=probs.device).expand(b, f) * 2
+        absent, present = self.finding_prompt(rows), self.finding_prompt(rows + 1)
+        p = probs.unsqueeze(-1)
+        return p * present + (1 - p) * absent
 
     def labels(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Teacher-forcing targets: the reports' tokens as decoder ids, -100 at padding."""

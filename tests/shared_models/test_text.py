@@ -215,6 +215,44 @@ def test_a_findings_report_decoder_writes_from_the_closed_vocabulary_of_its_sent
     assert int(decoder.labels(torch.tensor([[tok.convert_tokens_to_ids("zebra")]]), torch.ones(1, 1))) == unk
     # generation maps back to tokenizer ids, all of the closed set
     vis = closed.vision(torch.randn(2, 1, *closed.cfg.preprocess.size))
-    memory, valid = decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans)
+    probs = torch.full((2, len(closed.findings)), 0.5)
+    memory, valid = decoder.memory(vis.tokens, vis.valid, vis.grid, vis.num_scans, probs)
     ids = decoder.generate(memory, valid, max_new_tokens=8)
     assert ids[0, 0] == tok.cls_token_id and set(ids.flatten().tolist()) <= set(decoder.to_full.tolist())
+
+
+def test_the_findings_prompt_lets_the_decoder_write_each_study_its_own_findings(make_tiny_config):
+    """decoder.findings_prompt: the decoder reads the findings head's probabilities as prompt tokens, so
+    studies whose probabilities differ get different reports (the vision tokens here carry nothing), and
+    the report loss leaves the findings head alone."""
+    from shared_models.reports import structured_findings_report
+
+    torch.manual_seed(0)
+    model = build_model(make_tiny_config(decoder={"target": "findings", "findings_prompt": True}))
+    decoder, names = model.report_decoder, model.findings
+    cases = [{names[0]: True}, {names[3]: True, names[5]: True}, {}]
+    probs = torch.tensor([[1.0 if c.get(n) else 0.0 for n in names] for c in cases])
+    targets = [structured_findings_report(c) for c in cases]
+    enc = model.tokenize(targets, max_length=model.cfg.decoder.max_length)
+    labels = decoder.labels(enc["input_ids"], enc["attention_mask"])
+    tokens = torch.zeros(3, 8, model.cfg.vision.width)  # the same (empty) image for every study
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
+    for _ in range(150):
+        memory, mvalid = decoder.memory(tokens, valid, (2, 2, 2), 1, probs)
+        logits = decoder(memory, mvalid, enc["input_ids"], enc["attention_mask"])
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    memory, mvalid = decoder.memory(tokens, valid, (2, 2, 2), 1, probs)
+    written = model.tokenizer.batch_decode(decoder.generate(memory, mvalid, max_new_tokens=24), skip_special_tokens=True)
+    assert [w.strip().lower() for w in written] == [t.lower() for t in targets]
+    with pytest.raises(ValueError, match="findings head"):
+        decoder.memory(tokens, valid, (2, 2, 2), 1)
+    # in the model's forward the report loss does not reach the findings head
+    model.zero_grad()
+    batch = {"volume": torch.randn(2, 1, *model.cfg.preprocess.size), "report": targets[:2]}
+    model(batch, ["report"])["report_logits"].float().mean().backward()
+    assert model.findings_head.weight.grad is None
+    assert decoder.finding_prompt.weight.grad is not None and decoder.finding_prompt.weight.grad.abs().sum() > 0
