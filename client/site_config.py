@@ -18,6 +18,7 @@ Schema (every key optional unless marked; relative paths are relative to the YAM
         encoding: utf-8
       modalities: [CT, MR]
       min_slices: 16                    # shorter series are skipped ("series too small")
+      max_series_voxels: 536870912      # larger series are refused before any pixel is read (2^29: 2 GiB as float32)
       require_report: true              # false: studies without a report are kept for vision-only MAE
       labeler:
         kind: rules                     # rules | llm (an OpenAI-compatible endpoint inside the hospital)
@@ -99,6 +100,7 @@ class DataConfig:
     reports: ReportsConfig | None = None
     modalities: list[str] = field(default_factory=lambda: ["CT", "MR"])
     min_slices: int = 16
+    max_series_voxels: int = 2**29
     require_report: bool = True
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
 
@@ -242,6 +244,8 @@ def _validate(cfg: SiteConfig, path: Path, require_data: bool = True) -> None:
     data.modalities = [m.upper() for m in data.modalities]
     if data.min_slices < 1:
         fail("data.min_slices", f"should be >= 1, got {data.min_slices}.")
+    if data.max_series_voxels < 1:
+        fail("data.max_series_voxels", f"should be >= 1 (voxels of the largest series ingested), got {data.max_series_voxels}.")
     lab = data.labeler
     if lab.kind not in ("rules", "llm"):
         fail("data.labeler.kind", f"should be rules or llm, got {lab.kind!r}.")

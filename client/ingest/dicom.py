@@ -367,7 +367,29 @@ def _stack_geometry(frames: list[mf.Frame], label: str
     return order, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS: negate world x and y
 
 
-def load_series(headers: list[DicomHeader], min_slices: int = 8) -> SeriesVolume:
+def _check_claimed_size(headers: list[DicomHeader], label: str, max_voxels: int) -> None:
+    """Refuse, before any pixel buffer is allocated, a series whose headers claim more pixels than the
+    site allows or (uncompressed) than its files can hold: a damaged header's 65535 x 65535 image on 128
+    bytes of pixel data would otherwise make ingest ask for the claimed size."""
+    from pydicom.uid import UID
+
+    total = 0
+    for h in headers:
+        voxels = h.rows * h.columns * max(1, h.number_of_frames)
+        total += voxels
+        syntax = UID(h.transfer_syntax_uid) if h.transfer_syntax_uid else None
+        uncompressed = syntax is not None and syntax.is_transfer_syntax and not syntax.is_compressed \
+            and not syntax.is_deflated
+        if uncompressed and voxels > h.size:  # at least one byte per pixel
+            raise IngestError(R.UNREADABLE_PIXELS, f"{label}: {h.path}: the header claims {h.rows} x {h.columns} x "
+                              f"{max(1, h.number_of_frames)} pixels, more than its {h.size} bytes can hold "
+                              "(a damaged or truncated file; re-export the series)")
+    if total > max_voxels:
+        raise IngestError(R.SERIES_TOO_LARGE, f"{label}: {total} voxels (Rows x Columns x images) over the limit "
+                          f"of {max_voxels}; raise data.max_series_voxels in the site YAML if the series is real")
+
+
+def load_series(headers: list[DicomHeader], min_slices: int = 8, max_voxels: int = 2**29) -> SeriesVolume:
     """Assemble one series (single-frame files of one SeriesInstanceUID, or an enhanced multi-frame file).
 
     Images are sorted by the projection of ImagePositionPatient on the slice normal (row cosines x
@@ -377,12 +399,13 @@ def load_series(headers: list[DicomHeader], min_slices: int = 8) -> SeriesVolume
 
     Args:
         headers: the series' headers from :func:`read_header` (duplicate SOPInstanceUIDs already removed).
-        min_slices: fewest images accepted.
+        min_slices: fewest images accepted. max_voxels: the largest series accepted (voxels).
 
     Raises:
         ValueError: empty ``headers`` or more than one SeriesInstanceUID (a caller error).
         IngestError: INCONSISTENT_GEOMETRY, DUPLICATE_SLICES, MISSING_SLICES, BAD_SPACING,
-            SERIES_TOO_SMALL, UNREADABLE_PIXELS, NOT_AN_IMAGE_SERIES (no positions at all, or a
+            SERIES_TOO_SMALL, SERIES_TOO_LARGE, UNREADABLE_PIXELS (also: headers that claim more pixels
+            than the files hold), NON_FINITE_PIXELS, NOT_AN_IMAGE_SERIES (no positions at all, or a
             multi-frame object without functional groups), UNREADABLE_DICOM (a multi-frame header that
             cannot be re-read); each detail names the series and what differs.
     """
@@ -397,6 +420,7 @@ def load_series(headers: list[DicomHeader], min_slices: int = 8) -> SeriesVolume
     if len(sizes) > 1:
         shown = ", ".join(f"{r}x{c} ({sum((h.rows, h.columns) == (r, c) for h in headers)} files)" for r, c in sizes)
         raise IngestError(R.INCONSISTENT_GEOMETRY, f"{label}: Rows x Columns differ: {shown}")
+    _check_claimed_size(headers, label, max_voxels)
     frames, rescale = mf.collect_frames(headers, label)
     if len(frames) < min_slices:
         raise IngestError(R.SERIES_TOO_SMALL, f"{label}: {len(frames)} image(s), fewer than {min_slices}")

@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, iter_pixels
 
-from client.ingest.reasons import NOT_AN_IMAGE_SERIES, UNREADABLE_DICOM, UNREADABLE_PIXELS, IngestError
+from client.ingest.reasons import (NON_FINITE_PIXELS, NOT_AN_IMAGE_SERIES, UNREADABLE_DICOM, UNREADABLE_PIXELS,
+                                   IngestError)
 
 if TYPE_CHECKING:
     from client.ingest.dicom import DicomHeader
@@ -134,7 +135,11 @@ def to_float(arr: np.ndarray, source: Dataset, shape: tuple[int, int], where: st
     """
     if arr.shape != shape:
         raise ValueError(f"{where}: decoded shape {arr.shape}, expected {shape}")
-    return np.asarray(apply_modality_lut(arr, source), dtype=np.float32)
+    out = np.asarray(apply_modality_lut(arr, source), dtype=np.float32)
+    if not np.isfinite(out).all():  # e.g. RescaleSlope NaN: a blank study would train as a real one
+        raise IngestError(NON_FINITE_PIXELS, f"{where}: {int((~np.isfinite(out)).sum())} of {out.size} values are NaN or "
+                          "infinite after RescaleSlope/RescaleIntercept (or the modality LUT); fix those tags in the export")
+    return out
 
 
 def read_frames(path: str, label: str) -> tuple[list[FrameGeometry], list[Dataset]]:
@@ -217,6 +222,8 @@ def read_pixels(frames: list[Frame], order: np.ndarray, rescale: dict[str, list[
                 ds = pydicom.dcmread(path)
                 out[slot[(path, None)]] = to_float(ds.pixel_array, rescale_source(ds, 0), shape, path)
                 del ds
+        except IngestError as err:
+            raise IngestError(err.reason, f"{label}: {err.detail}") from err
         except Exception as exc:
             raise IngestError(UNREADABLE_PIXELS, f"{label}: {path}: {type(exc).__name__}: {exc}") from exc
     return out

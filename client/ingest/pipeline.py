@@ -111,7 +111,7 @@ def run_ingest(site_cfg, progress: bool = True, workers: int | None = None) -> d
             reused[key] = old
         else:
             jobs.append({**job, "series_key": key, "cache_dir": str(cache_dir), "preprocess": dataclasses.asdict(pcfg),
-                         "min_slices": site_cfg.data.min_slices})
+                         "min_slices": site_cfg.data.min_slices, "max_voxels": site_cfg.data.max_series_voxels})
     results = _run_jobs(jobs, workers if workers is not None else site_cfg.compute.workers, progress)
 
     labeler = build_labeler(site_cfg, model_cfg.vocabulary)
@@ -251,12 +251,15 @@ def _collect_dicom(site_cfg, acct: Accounting, index: FileIndex, series: dict, s
         by_series[(header["study_uid"], header["series_uid"])].append(header)
     for (study_uid, series_uid), members in by_series.items():
         unique: dict[str, dict] = {}
+        kept = []
         for header in sorted(members, key=lambda h: h["path"]):
-            if header["sop_uid"] in unique:
-                acct.refuse(header["path"], reasons.DUPLICATE_FILE, f"same SOPInstanceUID as {unique[header['sop_uid']]['path']}")
-            else:
-                unique[header["sop_uid"]] = header
-        kept = list(unique.values())
+            uid = header["sop_uid"]
+            if uid and uid in unique:
+                acct.refuse(header["path"], reasons.DUPLICATE_FILE, f"same SOPInstanceUID as {unique[uid]['path']}")
+                continue
+            if uid:  # without a SOPInstanceUID (an invalid export) an image is told apart by its position
+                unique[uid] = header
+            kept.append(header)
         first = kept[0]
         series[series_key(study_uid, series_uid)] = {
             "source": "dicom", "inputs": [[h["path"], h["size"], h["mtime_ns"]] for h in kept], "headers": kept,

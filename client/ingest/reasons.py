@@ -21,6 +21,8 @@ DUPLICATE_SLICES = "duplicate slices (two images at one position)"
 BAD_SPACING = "zero, negative or non-finite spacing"
 SERIES_TOO_SMALL = "series too small"
 UNREADABLE_PIXELS = "pixel data could not be decoded"
+SERIES_TOO_LARGE = "series larger than the site's voxel limit (data.max_series_voxels)"
+NON_FINITE_PIXELS = "non-finite pixel values (NaN or infinite after the modality rescale)"
 # NIfTI
 UNREADABLE_NIFTI = "unreadable NIfTI"
 NIFTI_MANIFEST_ROW = "unusable NIfTI manifest row"

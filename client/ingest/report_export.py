@@ -51,6 +51,9 @@ def read_report_export(cfg) -> tuple[dict[str, Report], list[RowProblem], int]:
         text = path.read_bytes().decode(cfg.encoding, errors="surrogateescape")
     except (OSError, LookupError) as err:
         raise IngestError(reasons.REPORT_FILE_UNUSABLE, f"{path}: {err}") from None
+    # Excel's "CSV UTF-8" (and Notepad) start the file with a byte-order mark: not part of the first
+    # column's name (decoded as UTF-8 it reads '\ufeffAccessionNumber')
+    text = text.removeprefix("\ufeff")
     rows = _jsonl_rows(text, path, cfg) if _fmt(path, cfg) == "jsonl" else _csv_rows(text, path, cfg)
     reports: dict[str, Report] = {}
     problems: list[RowProblem] = []

@@ -199,6 +199,45 @@ def _(root, write):
     return "broken.nii.gz", reasons.UNREADABLE_NIFTI
 
 
+def _rewrite(paths, **tags) -> None:
+    """Set DICOM attributes of written files in place (``None`` deletes one)."""
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for name, value in tags.items():
+            if value is None:
+                delattr(ds, name)
+            else:
+                setattr(ds, name, value)
+        ds.save_as(path)
+
+
+@case("header claims a huge image")
+def _(root, write):
+    paths = write(root / "dicom" / "huge", "1.2.3.13", "1.2.3.13.1", "ACC1", slices=10)
+    _rewrite(paths, Rows=65535, Columns=65535, PixelData=bytes(128))
+    return "huge", reasons.UNREADABLE_PIXELS, "more than its"  # refused from the header, nothing allocated
+
+
+@case("NaN rescale slope")
+def _(root, write):
+    import pydicom
+
+    paths = write(root / "dicom" / "nanslope", "1.2.3.14", "1.2.3.14.1", "ACC1", slices=10)
+    for path in paths:  # pydicom refuses to write a NaN DS; the raw element is what a damaged export holds
+        ds = pydicom.dcmread(path)
+        ds["RescaleSlope"] = pydicom.DataElement(0x00281053, "DS", "NaN", validation_mode=0)
+        ds.save_as(path)
+    return "nanslope", reasons.NON_FINITE_PIXELS
+
+
+@case("series over the voxel limit")
+def _(root, write):
+    write(root / "dicom" / "big", "1.2.3.15", "1.2.3.15.1", "ACC1", slices=40)
+    return "big", reasons.SERIES_TOO_LARGE
+
+
 @case("report CSV with missing columns")
 def _(root, write):
     (root / "reports.csv").write_text("Acc,Text\nACC1,x\n")
@@ -207,7 +246,7 @@ def _(root, write):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_named_and_the_rest_is_ingested(name, export, ct_series_writer, site_yaml_writer):
-    where, reason = CASES[name](export, ct_series_writer)
+    where, reason, *detail = CASES[name](export, ct_series_writer)
     overrides = {}
     if name == "unreadable NIfTI":
         overrides["data"] = {"nifti_manifest": str(export / "nifti.csv")}
@@ -215,11 +254,14 @@ def test_bad_input_is_named_and_the_rest_is_ingested(name, export, ct_series_wri
         overrides["data"] = {"require_report": False}
     if name == "modality not selected":
         overrides["data"] = {"modalities": ["CT"]}
+    if name == "series over the voxel limit":  # the good series have 20 slices of 32 x 32
+        overrides["data"] = {"max_series_voxels": 32 * 32 * 30}
     cfg = load_site_config(site_yaml_writer(export, **overrides))
     report = run_ingest(cfg, progress=False)
 
     quarantine = read_jsonl(Path(cfg.cache_dir) / "quarantine.jsonl")
-    hits = [q for q in quarantine if q["reason"] == reason and where in q["input"]]
+    hits = [q for q in quarantine if q["reason"] == reason and where in q["input"]
+            and all(d in q.get("detail", "") for d in detail)]
     assert hits, (reason, where, quarantine)
     ingested = {row["accession_number"] for row in read_manifest(cfg.cache_dir)}
     assert {"ACC1", "ACC2"} <= ingested
@@ -229,6 +271,18 @@ def test_bad_input_is_named_and_the_rest_is_ingested(name, export, ct_series_wri
     quarantined = {q["input"] for q in quarantine}
     assert files["ingested"] >= 40  # the 2 good series of 20 slices
     assert len(on_disk - quarantined) == files["ingested"]  # every file not quarantined was ingested
+
+
+def test_images_without_sop_instance_uid_are_told_apart_by_position(export, ct_series_writer, site_yaml_writer):
+    """An export that leaves out SOPInstanceUID (invalid, but seen) is not "duplicate instance" of itself."""
+    paths = ct_series_writer(export / "dicom" / "nouid", "1.2.3.16", "1.2.3.16.1", "ACC3", slices=10)
+    _rewrite(paths, SOPInstanceUID=None)
+    write_reports(export, [("ACC3", "No pleural effusion.")])
+    cfg = load_site_config(site_yaml_writer(export))
+    report = run_ingest(cfg, progress=False)
+    assert "ACC3" in {row["accession_number"] for row in read_manifest(cfg.cache_dir)}
+    assert not [q for q in read_jsonl(Path(cfg.cache_dir) / "quarantine.jsonl") if "nouid" in q["input"]]
+    assert report["files"]["ingested"] == 50
 
 
 def test_report_text_findings_and_cache(export, site_yaml_writer):

@@ -40,6 +40,19 @@ def test_csv_missing_columns_names_them_and_what_to_do(tmp_path):
     assert info.value.reason == reasons.REPORT_FILE_UNUSABLE and "key_column" in info.value.detail
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_an_export_saved_with_a_byte_order_mark_reads_like_one_without(tmp_path, fmt):
+    """Excel's "CSV UTF-8" starts the file with a BOM; the first column is still AccessionNumber."""
+    path = tmp_path / f"reports.{fmt}"
+    body = ('AccessionNumber,ReportText\nA1,"Small left pleural effusion."\nA2,"No nodules."\n' if fmt == "csv" else
+            json.dumps({"AccessionNumber": "A1", "ReportText": "Small left pleural effusion."}) + "\n"
+            + json.dumps({"AccessionNumber": "A2", "ReportText": "No nodules."}) + "\n")
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    reports, problems, rows = read_report_export(ReportsConfig(path=str(path)))
+    assert (rows, problems) == (2, [])
+    assert reports["A1"].text == "Small left pleural effusion." and set(reports) == {"A1", "A2"}
+
+
 def test_jsonl_rows_with_custom_keys(tmp_path):
     path = tmp_path / "reports.jsonl"
     path.write_text("\n".join([
