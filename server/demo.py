@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .local_federation import LocalFederation, free_port
+from .local_federation import LocalFederation, app_snapshot, free_port
 
 log = logging.getLogger(__name__)
 SITES = (("site-a", "general", 1), ("site-b", "cardio", 2), ("site-c", "pulmonary", 3))
@@ -129,7 +129,8 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 30, studies: i
     out.mkdir(parents=True)
     started = time.time()
     site_yamls, central_yaml = prepare_cohorts(out, studies, central_studies, "tiny")
-    approve_app(site_yamls)
+    app = app_snapshot(out / "app")  # what the sites approve is what flwr run sends
+    approve_app(site_yamls, app)
     log.info("cohorts ready and the app approved at each site in %.0f s", time.time() - started)
     run_dir = out / "run"
     metrics_port = free_port()
@@ -140,10 +141,10 @@ def run_demo(out: str | Path, rounds: int = 3, local_steps: int = 30, studies: i
     with LocalFederation(out, site_yamls) as federation:
         log.info("SuperLink on %s, %d SuperNodes; flwr run (logs in %s)", federation.address, len(site_yamls),
                  federation.logs)
-        site_ports = [federation.start_site_exporter(i) for i in range(len(site_yamls))]
+        site_ports = federation.start_site_exporters(list(range(len(site_yamls))))
         log.info("Prometheus metrics: server http://127.0.0.1:%d/metrics (while the run goes on), sites %s",
                  metrics_port, ", ".join(f"http://127.0.0.1:{p}/metrics" for p in site_ports))
-        result = federation.run(REPO, run_config, timeout=3600)
+        result = federation.run(app, run_config, timeout=3600)
         save_site_metrics(out / "metrics", [name for name, *_ in SITES], site_ports)
     if result.returncode != 0 or not (run_dir / "history.jsonl").is_file():
         raise RuntimeError(f"the federated run failed (flwr run exit {result.returncode}); see {out / 'logs'}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import ssl
 import threading
 import time
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from server.checkpoint import RunFolder
+from server import local_federation
 from server.local_federation import LocalFederation, free_port
 from server.tls import make_server_cert
 
@@ -69,14 +69,8 @@ def preset_override(cohort, run_dir: Path) -> Path:
 
 
 def app_snapshot(folder: Path) -> Path:
-    """A copy of this app's files: what ``flwr run`` sends stays the same for the whole session, whatever is
-    edited in the checkout meanwhile (and what a site approves is what then runs). It builds the same FAB
-    as the checkout (the files of ``fab-include`` and pyproject.toml)."""
-    folder.mkdir(parents=True)
-    shutil.copy(REPO / "pyproject.toml", folder)
-    for package in ("client", "server", "shared_models"):
-        shutil.copytree(REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return folder
+    """A copy of this app's files (see :func:`server.local_federation.app_snapshot`)."""
+    return local_federation.app_snapshot(folder, REPO)
 
 
 def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
