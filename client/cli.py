@@ -28,10 +28,14 @@ from .site_config import SiteConfigError, load_site_config
 
 
 def cmd_ingest(args) -> int:
-    from .ingest.pipeline import run_ingest
+    from .ingest.pipeline import CacheFolderError, run_ingest
 
     cfg = load_site_config(args.config)
-    report = run_ingest(cfg, progress=not args.quiet, workers=args.workers)
+    try:
+        report = run_ingest(cfg, progress=not args.quiet, workers=args.workers)
+    except CacheFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     files = report["files"]
     print(f"site {cfg.site_id}: {files['seen']} files seen: {files['ingested']} ingested, "
           f"{files['skipped']} skipped, {files['failed']} failed ({report['duration_s']} s)")
@@ -48,18 +52,25 @@ def cmd_ingest(args) -> int:
 
 def check_cache(cfg) -> tuple[list[str], list[str]]:
     """(summary lines, problems) for a site's cache; no problems means the site can train."""
-    from .ingest.pipeline import preprocess_fingerprint
+    from .ingest.pipeline import preprocess_fingerprint, unfinished_ingest
 
     cache = Path(cfg.cache_dir)
-    rows = read_manifest(cache)
+    try:
+        rows = read_manifest(cache)
+    except ValueError as err:
+        return [], [str(err)]
     problems: list[str] = []
     if not rows:
         return [], [f"no ingested series in {cache}; run: fedvlp-site ingest --config {cfg.source}"]
     report_path = cache / INGEST_REPORT
     pcfg = cfg.preprocess_config()
-    if report_path.is_file():
-        recorded = json.loads(report_path.read_text()).get("preprocess_fingerprint")
-        if recorded != preprocess_fingerprint(pcfg):
+    if not report_path.is_file():
+        problems.append(f"no {INGEST_REPORT} in {cache}: no ingest completed there; run fedvlp-site ingest")
+    else:
+        recorded = json.loads(report_path.read_text())
+        if (unfinished := unfinished_ingest(recorded)) is not None:
+            problems.append(unfinished)
+        elif recorded.get("preprocess_fingerprint") != preprocess_fingerprint(pcfg):
             problems.append("the cache was made with other preprocessing settings than the config's; re-run ingest")
     for row in rows:
         try:

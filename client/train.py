@@ -108,15 +108,17 @@ def _save_optimizer_state(opt: torch.optim.Optimizer, path: Path) -> None:
 
 def check_cache_matches(site_cfg: SiteConfig, model_cfg) -> None:
     """The site's cache must be preprocessed as the federation's model expects."""
-    from .ingest.pipeline import preprocess_fingerprint
     from .ingest.cache import INGEST_REPORT
+    from .ingest.pipeline import preprocess_fingerprint, unfinished_ingest
 
     report = Path(site_cfg.cache_dir) / INGEST_REPORT
     if not report.is_file():
         raise FileNotFoundError(f"site {site_cfg.site_id}: no ingested cache in {site_cfg.cache_dir}; "
                                 f"run fedvlp-site ingest --config {site_cfg.source}")
-    recorded = json.loads(report.read_text()).get("preprocess_fingerprint")
-    if recorded != preprocess_fingerprint(model_cfg.preprocess):
+    recorded = json.loads(report.read_text())
+    if (unfinished := unfinished_ingest(recorded)) is not None:
+        raise ValueError(f"site {site_cfg.site_id}: {unfinished} ({site_cfg.cache_dir}).")
+    if recorded.get("preprocess_fingerprint") != preprocess_fingerprint(model_cfg.preprocess):
         raise ValueError(
             f"site {site_cfg.site_id}: the cache in {site_cfg.cache_dir} was preprocessed for other settings than "
             f"the federation's model ({model_cfg.name}: {model_cfg.preprocess.size} at {model_cfg.preprocess.spacing} mm); "

@@ -31,12 +31,30 @@ MANIFEST = "manifest.jsonl"
 INGEST_REPORT = "ingest_report.json"
 
 
-def read_manifest(cache_dir: str | Path) -> list[dict[str, Any]]:
-    """The manifest rows of a cohort cache (one per ingested series); [] when there is none."""
+def read_manifest(cache_dir: str | Path, skip_damaged: bool = False) -> list[dict[str, Any]]:
+    """The manifest rows of a cohort cache (one per ingested series); [] when there is none.
+
+    A damaged line (not JSON, not an object) raises ValueError naming the file, the line and what to do,
+    or with ``skip_damaged`` is left out (ingest, which rewrites the manifest, then reprocesses its series).
+    """
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as err:
+            if skip_damaged:
+                continue
+            raise ValueError(f"{path}:{number}: damaged manifest line ({err}); re-run `fedvlp-site ingest` to "
+                             "rewrite the cache's manifest") from None
+        rows.append(row)
+    return rows
 
 
 def load_volume(cache_dir: str | Path, relative: str, mmap: bool = True) -> np.ndarray:

@@ -42,8 +42,20 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    """One JSON line, UTF-8 as it is; a row holding a file name that is not valid UTF-8 (old PACS exports:
+    Python decodes such names with lone surrogates, which UTF-8 cannot encode) is written with ASCII
+    escapes instead, which read back as the same name."""
+    text = json.dumps(row, ensure_ascii=False, sort_keys=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row, sort_keys=True)
+    return text + "\n"
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
+    write_atomic(path, "".join(_json_line(row) for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

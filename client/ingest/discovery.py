@@ -18,12 +18,16 @@ def walk_export(root: str | Path, exclude: str | Path | None = None) -> Iterator
 
     Symbolic links are followed while they stay inside the export root; a link (to a file or a folder)
     that resolves outside it is refused with ``OUTSIDE_EXPORT_ROOT``, a broken link as unreadable, and
-    link loops are visited once. Paths are absolute; order is sorted, so runs are reproducible.
+    link loops are visited once. A folder that cannot be listed (no permission, a path beyond the
+    system's limit) is refused with ``UNREADABLE_FOLDER``: its files are not silently left out.
+    Paths are absolute; order is sorted, so runs are reproducible.
     """
     root_real = os.path.realpath(root)
     exclude_real = os.path.realpath(exclude) if exclude else None
     visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root_real, followlinks=True):
+    unreadable: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root_real, followlinks=True, onerror=unreadable.append):
+        yield from _refused_folders(unreadable)
         real_dir = os.path.realpath(dirpath)
         if real_dir in visited:
             dirnames[:] = []
@@ -49,3 +53,11 @@ def walk_export(root: str | Path, exclude: str | Path | None = None) -> Iterator
                 yield full, (reasons.OUTSIDE_EXPORT_ROOT, f"file link to {target}")
             elif os.path.isfile(full):
                 yield full, None
+    yield from _refused_folders(unreadable)
+
+
+def _refused_folders(errors: list[OSError]) -> Iterator[tuple[str, tuple[str, str]]]:
+    while errors:
+        err = errors.pop(0)
+        yield str(err.filename), (reasons.UNREADABLE_FOLDER, f"{err.strerror or err}: the files in it cannot be "
+                                  "seen; give the user running fedvlp-site read access to it, or shorten the path")

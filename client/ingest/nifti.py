@@ -7,6 +7,7 @@ spacing as the affine's column norms (``preprocess_volume`` checks the two agree
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +47,21 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, f
         data = img.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as exc:  # truncated or corrupt data block, bad gzip stream
         raise IngestError(UNREADABLE_NIFTI, f"{p}: cannot read the voxel data: {type(exc).__name__}: {exc}") from exc
+    if p.name.lower().endswith(".gz"):
+        _check_gzip(p)
     data = np.ascontiguousarray(data.reshape(shape[:3]))
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     return data, affine, spacing  # type: ignore[return-value]
+
+
+def _check_gzip(p: Path) -> None:
+    """Read a gzip file to its end, where its CRC-32 and length are checked: nibabel stops reading once it
+    has the voxels, so damaged data that still inflates would be ingested as garbage. Costs a second
+    decompression of the file."""
+    try:
+        with gzip.open(p, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise IngestError(UNREADABLE_NIFTI, f"{p}: the gzip stream is damaged ({type(exc).__name__}: {exc}); "
+                          "re-export or re-copy the file") from exc

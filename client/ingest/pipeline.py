@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -83,11 +84,33 @@ def series_key(study_uid: str, series_uid: str) -> str:
     return hashlib.sha256(f"{study_uid}/{series_uid}".encode()).hexdigest()[:24]
 
 
+class CacheFolderError(ValueError):
+    """The site's cache folder cannot hold a cache (named, with what to do)."""
+
+
+def _check_cache_folder(cache_dir: Path) -> None:
+    """Refuse, before any input is read, a cache_dir that is a file or cannot be written."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheFolderError(f"cache_dir {cache_dir} is a file, not a folder; point cache_dir in the site YAML "
+                               "at a folder on local disk (it is created if missing).")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as err:
+        raise CacheFolderError(f"cache_dir {cache_dir} cannot be written ({err.strerror or err}); give the "
+                               "user running fedvlp-site write access to it, or point cache_dir elsewhere.") from None
+
+
 def run_ingest(site_cfg, progress: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Ingest the site's export into its cache; returns the ingest report (also written to disk)."""
     started = time.time()
     cache_dir = Path(site_cfg.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    _check_cache_folder(cache_dir)
+    # until the full report replaces it, the report says an ingest did not finish: a crash at any point
+    # leaves that, and `fedvlp-site check` and training refuse the cache until an ingest completes
+    write_atomic(cache_dir / INGEST_REPORT, json.dumps({"status": "running", "site_id": site_cfg.site_id,
+                                                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     model_cfg = site_cfg.model_config()
     pcfg = model_cfg.preprocess
     fingerprint = preprocess_fingerprint(pcfg)
@@ -102,7 +125,8 @@ def run_ingest(site_cfg, progress: bool = True, workers: int | None = None) -> d
     reports, report_problems, report_rows = _read_reports(site_cfg, acct)
     studies = _join_reports(site_cfg, series, reports, acct)
 
-    previous = {row["series_key"]: row for row in read_manifest(cache_dir)}
+    # the previous manifest only serves reuse: a damaged line's series is processed again
+    previous = {row["series_key"]: row for row in read_manifest(cache_dir, skip_damaged=True) if "series_key" in row}
     jobs, reused = [], {}
     for key, job in series.items():
         job["fingerprint"] = hashlib.sha256((fingerprint + json.dumps(job["inputs"])).encode()).hexdigest()[:24]
@@ -143,6 +167,7 @@ def run_ingest(site_cfg, progress: bool = True, workers: int | None = None) -> d
 
     report = acct.summary()
     report.update(
+        status="complete",
         site_id=site_cfg.site_id,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         duration_s=round(time.time() - started, 2),
@@ -158,10 +183,18 @@ def run_ingest(site_cfg, progress: bool = True, workers: int | None = None) -> d
     )
     write_jsonl(cache_dir / MANIFEST, manifest)
     write_jsonl(cache_dir / QUARANTINE, acct.quarantine())
-    write_atomic(cache_dir / INGEST_REPORT, json.dumps(report, indent=2, sort_keys=True))
     index.save()
     _remove_stale_volumes(cache_dir, {row["series_key"] for row in manifest})
+    write_atomic(cache_dir / INGEST_REPORT, json.dumps(report, indent=2, sort_keys=True))  # last: it completes
     return report
+
+
+def unfinished_ingest(report: dict[str, Any]) -> str | None:
+    """Why an ``ingest_report.json`` does not stand for a complete cache, or None when it does."""
+    if report.get("status", "complete" if "finished_at" in report else None) == "complete":
+        return None
+    return (f"the last ingest (started {report.get('started_at', 'at an unknown time')}) did not finish, or is still "
+            "running; run fedvlp-site ingest again and let it complete")
 
 
 def _count(values) -> dict[str, int]:

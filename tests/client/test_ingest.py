@@ -238,6 +238,26 @@ def _(root, write):
     return "big", reasons.SERIES_TOO_LARGE
 
 
+@case("a file name that is not valid UTF-8")
+def _(root, write):
+    fd = os.open(os.fsencode(root / "dicom") + b"/caf\xe9-notes.txt", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"not a DICOM file")
+    os.close(fd)
+    return "caf\udce9-notes.txt", reasons.NOT_DICOM
+
+
+@case("NIfTI with a failed gzip checksum")
+def _(root, write):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 20), np.int16), np.diag([1.5, 1.5, 2.5, 1.0])), root / "crc.nii.gz")
+    raw = bytearray((root / "crc.nii.gz").read_bytes())
+    raw[-8] ^= 0xFF  # the CRC-32 of the trailer: the data still inflates, to bytes the CRC disowns
+    (root / "crc.nii.gz").write_bytes(bytes(raw))
+    (root / "nifti.csv").write_text("path,study_id,series_id,modality,accession_number\ncrc.nii.gz,N2,N2.1,CT,ACC1\n")
+    return "crc.nii.gz", reasons.UNREADABLE_NIFTI, "gzip"
+
+
 @case("report CSV with missing columns")
 def _(root, write):
     (root / "reports.csv").write_text("Acc,Text\nACC1,x\n")
@@ -248,7 +268,7 @@ def _(root, write):
 def test_bad_input_is_named_and_the_rest_is_ingested(name, export, ct_series_writer, site_yaml_writer):
     where, reason, *detail = CASES[name](export, ct_series_writer)
     overrides = {}
-    if name == "unreadable NIfTI":
+    if name in ("unreadable NIfTI", "NIfTI with a failed gzip checksum"):
         overrides["data"] = {"nifti_manifest": str(export / "nifti.csv")}
     if name == "report CSV with missing columns":  # no report can be joined: keep the images for MAE
         overrides["data"] = {"require_report": False}
@@ -345,7 +365,147 @@ def test_cli_ingest_then_check(export, site_yaml_writer, capsys):
     assert "re-run ingest" in capsys.readouterr().err
 
 
+def test_a_folder_that_cannot_be_listed_is_counted_and_named(export, site_yaml_writer, monkeypatch):
+    """A folder the walk cannot enter (no permission; tests may run as root, so listing it is refused
+    here as the system would) is a failed input with its reason, not files that silently vanish."""
+    (export / "dicom" / "locked").mkdir()
+    (export / "dicom" / "locked" / "IM1").write_bytes(b"unseen")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    cfg = load_site_config(site_yaml_writer(export))
+    report = run_ingest(cfg, progress=False)
+    quarantine = read_jsonl(Path(cfg.cache_dir) / "quarantine.jsonl")
+    hits = [q for q in quarantine if q["reason"] == reasons.UNREADABLE_FOLDER]
+    assert len(hits) == 1 and hits[0]["input"].endswith("locked") and "read access" in hits[0]["detail"]
+    files = report["files"]
+    assert files["failed"] == 1 and files["seen"] == files["ingested"] + files["skipped"] + files["failed"]
+    assert {"ACC1", "ACC2"} <= {row["accession_number"] for row in read_manifest(cfg.cache_dir)}
+
+
+def test_an_ingest_that_crashes_midway_leaves_a_report_that_says_so(export, site_yaml_writer, capsys, monkeypatch):
+    """A crash after the volumes were written (here: while the quarantine is written) leaves the report
+    saying the ingest did not finish; check refuses the cache until an ingest completes."""
+    import client.ingest.pipeline as pipeline
+
+    path = site_yaml_writer(export)
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 0
+    real = pipeline.write_jsonl
+
+    def crash(target, rows):
+        if target.name == "quarantine.jsonl":
+            raise KeyboardInterrupt  # the operator's Ctrl-C, or a kill, at the worst moment
+        return real(target, rows)
+
+    monkeypatch.setattr(pipeline, "write_jsonl", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(load_site_config(path), progress=False)
+    monkeypatch.undo()
+    report = json.loads((export / "cache" / "ingest_report.json").read_text())
+    assert report["status"] == "running"
+    capsys.readouterr()
+    assert site_cli(["check", "--config", str(path)]) == 1
+    assert "did not finish" in capsys.readouterr().err
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 0
+    assert json.loads((export / "cache" / "ingest_report.json").read_text())["status"] == "complete"
+    assert site_cli(["check", "--config", str(path)]) == 0
+
+
+def test_a_damaged_manifest_line_is_named_by_check_and_repaired_by_ingest(export, site_yaml_writer, capsys):
+    path = site_yaml_writer(export)
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 0
+    manifest = export / "cache" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2] + "\n")  # the second line cut
+    capsys.readouterr()
+    assert site_cli(["check", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.jsonl:2: damaged manifest line" in err and "fedvlp-site ingest" in err
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 0  # reprocesses the damaged row's series
+    assert len(read_manifest(export / "cache")) == 2
+    assert site_cli(["check", "--config", str(path)]) == 0
+
+
+def test_a_cache_folder_that_cannot_hold_a_cache_is_named_before_any_input_is_read(
+        export, site_yaml_writer, capsys, monkeypatch):
+    import client.ingest.pipeline as pipeline
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("inputs were read before the cache folder was checked")
+
+    monkeypatch.setattr(pipeline, "_collect_dicom", no_walk)
+    (export / "a-file").write_text("not a folder")
+    path = site_yaml_writer(export, cache_dir=str(export / "a-file"))
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 2
+    assert "a-file is a file, not a folder" in capsys.readouterr().err
+    def denied(*args, **kwargs):  # what a folder without write permission gives (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pipeline.tempfile, "TemporaryFile", denied)
+    path = site_yaml_writer(export, cache_dir=str(export / "locked"))
+    assert site_cli(["ingest", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "locked cannot be written (Permission denied)" in err and "write access" in err
+
+
 def test_cli_configuration_error_exits_2(tmp_path, capsys):
     (tmp_path / "site.yaml").write_text("site_id: x\n")
     assert site_cli(["check", "--config", str(tmp_path / "site.yaml")]) == 2
     assert "cache_dir: is required" in capsys.readouterr().err
+
+
+def test_randomly_damaged_copies_of_a_good_series_never_stop_an_ingest(export, site_yaml_writer):
+    """Fuzz: truncated files, flipped header bytes and deleted tags, each a copy of a good slice in a series
+    of its own. Ingest never raises or hangs, the good studies are ingested, every file is accounted for."""
+    import random
+    import signal
+
+    import pydicom
+
+    rng = random.Random(20261202)
+    good = sorted((export / "dicom" / "PAT1" / "S1").iterdir())
+    damaged = export / "dicom" / "damaged"
+    damaged.mkdir()
+    tags = ["Rows", "Columns", "PixelData", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
+            "PixelSpacing", "Modality", "BitsAllocated", "RescaleSlope", "SOPInstanceUID", "ImageOrientationPatient"]
+    for i in range(24):
+        raw = bytearray(rng.choice(good).read_bytes())
+        kind = i % 3
+        if kind == 0:  # truncated anywhere
+            raw = raw[: rng.randrange(1, len(raw))]
+        elif kind == 1:  # flipped bytes in the header (before the pixel data)
+            for _ in range(rng.randint(1, 8)):
+                raw[rng.randrange(128, min(len(raw), 900))] ^= 1 << rng.randrange(8)
+        target = damaged / f"copy{i:02d}"
+        target.write_bytes(bytes(raw))
+        if kind == 2:  # deleted tags, a new series of its own
+            ds = pydicom.dcmread(target)
+            ds.SeriesInstanceUID = f"1.2.3.99.{i}"
+            for name in rng.sample(tags, rng.randint(1, 3)):
+                if name in ds:
+                    delattr(ds, name)
+            ds.save_as(target)
+
+    def hung(*_):
+        raise TimeoutError("ingest hangs on damaged input")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    try:
+        cfg = load_site_config(site_yaml_writer(export))
+        report = run_ingest(cfg, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    files = report["files"]
+    assert files["seen"] == files["ingested"] + files["skipped"] + files["failed"]
+    assert {"ACC1", "ACC2"} <= {row["accession_number"] for row in read_manifest(cfg.cache_dir)}
+    quarantined = {q["input"] for q in read_jsonl(Path(cfg.cache_dir) / "quarantine.jsonl")}
+    on_disk = {str(p) for p in (export / "dicom").rglob("*") if p.is_file()}
+    assert len(on_disk - quarantined) == files["ingested"]
+    assert report["reasons"].get(reasons.UNEXPECTED_ERROR) is None, report["reasons"].get(reasons.UNEXPECTED_ERROR)
