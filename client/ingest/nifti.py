@@ -13,10 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.ingest.reasons import UNREADABLE_NIFTI, IngestError
+from client.ingest.reasons import SERIES_TOO_LARGE, UNREADABLE_NIFTI, IngestError
 
 
-def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def load_nifti(path: str | Path, max_voxels: int = 2**29) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Load a 3D NIfTI (``.nii`` or ``.nii.gz``) as (float32 array, 4x4 RAS+ affine, voxel spacing in mm).
 
     Intensities are nibabel's ``get_fdata`` (``scl_slope``/``scl_inter`` applied). Trailing singleton
@@ -24,7 +24,9 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, f
 
     Raises:
         IngestError: UNREADABLE_NIFTI when the file is missing, not NIfTI, corrupt or truncated, is
-            not 3D (a real 4D series is refused, not split), or its affine is not finite and invertible.
+            not 3D (a real 4D series is refused, not split), or its affine is not finite and invertible;
+            SERIES_TOO_LARGE when its header claims more than ``max_voxels`` voxels (checked before the
+            voxels are read).
     """
     p = Path(path)
     try:
@@ -40,6 +42,9 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, f
     if keep != 3:
         what = f"{keep}D" if keep > 3 else f"{len(shape)}D"
         raise IngestError(UNREADABLE_NIFTI, f"{p}: {what} image of shape {shape}; only 3D volumes are ingested")
+    if int(np.prod(shape[:3], dtype=np.int64)) > max_voxels:
+        raise IngestError(SERIES_TOO_LARGE, f"{p}: {shape[:3]} voxels over the limit of {max_voxels}; raise "
+                          "data.max_series_voxels in the site YAML if the image is real")
     affine = np.asarray(img.affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise IngestError(UNREADABLE_NIFTI, f"{p}: affine is not finite and invertible: {affine.tolist()}")

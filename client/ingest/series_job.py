@@ -25,7 +25,7 @@ def process_series(job: dict[str, Any]) -> dict[str, Any]:
 
             import numpy as np
 
-            array, affine, spacing = load_nifti(job["inputs"][0][0])
+            array, affine, spacing = load_nifti(job["inputs"][0][0], max_voxels=job.get("max_voxels", 2**29))
             num_slices = int(array.shape[int(np.argmax(np.abs(affine[2, :3])))])  # the voxel axis along S
         else:
             from .dicom import DicomHeader, load_series

@@ -258,6 +258,15 @@ def _(root, write):
     return "crc.nii.gz", reasons.UNREADABLE_NIFTI, "gzip"
 
 
+@case("NIfTI over the voxel limit")
+def _(root, write):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 40), np.int16), np.diag([1.5, 1.5, 2.5, 1.0])), root / "big.nii.gz")
+    (root / "nifti.csv").write_text("path,study_id,series_id,modality,accession_number\nbig.nii.gz,N3,N3.1,CT,ACC1\n")
+    return "big.nii.gz", reasons.SERIES_TOO_LARGE
+
+
 @case("report CSV with missing columns")
 def _(root, write):
     (root / "reports.csv").write_text("Acc,Text\nACC1,x\n")
@@ -267,15 +276,16 @@ def _(root, write):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_named_and_the_rest_is_ingested(name, export, ct_series_writer, site_yaml_writer):
     where, reason, *detail = CASES[name](export, ct_series_writer)
-    overrides = {}
-    if name in ("unreadable NIfTI", "NIfTI with a failed gzip checksum"):
-        overrides["data"] = {"nifti_manifest": str(export / "nifti.csv")}
+    data: dict = {}
+    if name in ("unreadable NIfTI", "NIfTI with a failed gzip checksum", "NIfTI over the voxel limit"):
+        data.update({"nifti_manifest": str(export / "nifti.csv")})
     if name == "report CSV with missing columns":  # no report can be joined: keep the images for MAE
-        overrides["data"] = {"require_report": False}
+        data.update({"require_report": False})
     if name == "modality not selected":
-        overrides["data"] = {"modalities": ["CT"]}
-    if name == "series over the voxel limit":  # the good series have 20 slices of 32 x 32
-        overrides["data"] = {"max_series_voxels": 32 * 32 * 30}
+        data.update({"modalities": ["CT"]})
+    if name in ("series over the voxel limit", "NIfTI over the voxel limit"):  # good series: 20 slices of 32 x 32
+        data.update({"max_series_voxels": 32 * 32 * 30})
+    overrides = {"data": data} if data else {}
     cfg = load_site_config(site_yaml_writer(export, **overrides))
     report = run_ingest(cfg, progress=False)
 
