@@ -66,6 +66,8 @@ import yaml
 
 from shared_models.config import ModelConfig, PreprocessConfig, build_dataclass, load_model_config
 
+from .ingest.reasons import MAX_SERIES_VOXELS
+
 
 ANY_APP = "any"  # privacy.allowed_fab_hashes: any: the site runs every app version (an explicit choice)
 
@@ -100,7 +102,7 @@ class DataConfig:
     reports: ReportsConfig | None = None
     modalities: list[str] = field(default_factory=lambda: ["CT", "MR"])
     min_slices: int = 16
-    max_series_voxels: int = 2**29
+    max_series_voxels: int = MAX_SERIES_VOXELS
     require_report: bool = True
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
 

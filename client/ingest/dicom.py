@@ -389,7 +389,7 @@ def _check_claimed_size(headers: list[DicomHeader], label: str, max_voxels: int)
                           f"of {max_voxels}; raise data.max_series_voxels in the site YAML if the series is real")
 
 
-def load_series(headers: list[DicomHeader], min_slices: int = 8, max_voxels: int = 2**29) -> SeriesVolume:
+def load_series(headers: list[DicomHeader], min_slices: int = 8, max_voxels: int = R.MAX_SERIES_VOXELS) -> SeriesVolume:
     """Assemble one series (single-frame files of one SeriesInstanceUID, or an enhanced multi-frame file).
 
     Images are sorted by the projection of ImagePositionPatient on the slice normal (row cosines x

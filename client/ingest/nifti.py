@@ -13,10 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.ingest.reasons import SERIES_TOO_LARGE, UNREADABLE_NIFTI, IngestError
+from client.ingest.reasons import MAX_SERIES_VOXELS, SERIES_TOO_LARGE, UNREADABLE_NIFTI, IngestError
 
 
-def load_nifti(path: str | Path, max_voxels: int = 2**29) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def load_nifti(path: str | Path, max_voxels: int = MAX_SERIES_VOXELS) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Load a 3D NIfTI (``.nii`` or ``.nii.gz``) as (float32 array, 4x4 RAS+ affine, voxel spacing in mm).
 
     Intensities are nibabel's ``get_fdata`` (``scl_slope``/``scl_inter`` applied). Trailing singleton

@@ -34,6 +34,9 @@ UNREADABLE_REPORT_ROW = "unreadable report row"
 EMPTY_REPORT = "empty report"
 REPORT_FOR_UNKNOWN_STUDY = "report for an unknown study"
 DUPLICATE_REPORT = "duplicate report for one study"
+MAX_SERIES_VOXELS = 2**29
+"""The default ``data.max_series_voxels``: 2 GiB of float32, a 512 x 512 x 2048 series."""
+
 # anything else, with the exception's text as detail: one bad input never stops an ingest
 UNEXPECTED_ERROR = "unexpected error"
 

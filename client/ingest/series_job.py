@@ -25,14 +25,14 @@ def process_series(job: dict[str, Any]) -> dict[str, Any]:
 
             import numpy as np
 
-            array, affine, spacing = load_nifti(job["inputs"][0][0], max_voxels=job.get("max_voxels", 2**29))
+            array, affine, spacing = load_nifti(job["inputs"][0][0], max_voxels=job["max_voxels"])
             num_slices = int(array.shape[int(np.argmax(np.abs(affine[2, :3])))])  # the voxel axis along S
         else:
             from .dicom import DicomHeader, load_series
 
             headers = [DicomHeader(**{k: tuple(v) if isinstance(v, list) else v for k, v in h.items()})
                        for h in job["headers"]]
-            volume = load_series(headers, min_slices=job["min_slices"], max_voxels=job.get("max_voxels", 2**29))
+            volume = load_series(headers, min_slices=job["min_slices"], max_voxels=job["max_voxels"])
             array, affine, spacing, num_slices = volume.array, volume.affine, volume.spacing, volume.num_slices
         tensor = preprocess_volume(array, None, job["modality"], pcfg, affine=affine)
         cache_file = write_volume(job["cache_dir"], job["series_key"], tensor[0].numpy())
