@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from shared_models.cohort import SiteDataset
 from shared_models.config import VisionConfig, build_dataclass, load_preset
 from shared_models.heads import AttentionPool
+from server.evaluation.classification import per_finding_auroc
 from shared_models.vision import build_vision_encoder
 
 
@@ -38,9 +38,10 @@ def load_cache(cache: Path, cfg, names: list[str]) -> tuple[torch.Tensor, torch.
     return x, y
 
 
-def macro_auroc(y: np.ndarray, p: np.ndarray, names: list[str]) -> tuple[float, dict[str, float]]:
-    per = {n: float(roc_auc_score(y[:, j], p[:, j])) for j, n in enumerate(names) if 0 < y[:, j].sum() < len(y)}
-    return float(np.mean(list(per.values()))), per
+def macro_auroc(y: np.ndarray, p: np.ndarray, names: list[str], n_boot: int = 0) -> dict:
+    """The evaluation's per-finding and macro AUROC (bootstrap CI with ``n_boot``); undefined findings skipped."""
+    return per_finding_auroc({n: y[:, j] for j, n in enumerate(names)}, {n: p[:, j] for j, n in enumerate(names)},
+                             n_boot=n_boot)
 
 
 def main() -> None:
@@ -96,15 +97,17 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.every == 0 or step == args.steps:
-            held, _ = macro_auroc(y_te.numpy(), predict(x_te), names)
+            held = macro_auroc(y_te.numpy(), predict(x_te), names)["macro_auroc"]
             print(f"step {step:5d}  {time.perf_counter() - started:7.1f} s  loss {float(loss.detach()):.3f}  "
                   f"held-out macro AUROC {held:.3f}")
-    seen, _ = macro_auroc(y_tr.numpy(), predict(x_tr), names)
-    held, per = macro_auroc(y_te.numpy(), predict(x_te), names)
-    print(f"training macro AUROC {seen:.3f}, held-out {held:.3f}; "
+    seen = macro_auroc(y_tr.numpy(), predict(x_tr), names)["macro_auroc"]
+    held = macro_auroc(y_te.numpy(), predict(x_te), names, n_boot=1000)
+    low, high = held["macro_ci"]
+    print(f"training macro AUROC {seen:.3f}, held-out {held['macro_auroc']:.3f} (95% CI {low:.3f}-{high:.3f}); "
           f"{(time.perf_counter() - started) / args.steps:.3f} s/step")
-    for name, value in sorted(per.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:32s} {value:.3f}")
+    defined = {k: v for k, v in held["per_finding"].items() if v["auroc"] is not None}
+    for name, v in sorted(defined.items(), key=lambda kv: -kv[1]["auroc"]):
+        print(f"  {name:32s} {v['auroc']:.3f} ({v['ci_low']:.2f}-{v['ci_high']:.2f})")
 
 
 if __name__ == "__main__":
