@@ -69,7 +69,8 @@ def main() -> None:
     x_tr, y_tr = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
     x_te, y_te = load_cache(root / "central" / "cache", cfg, names)
     torch.manual_seed(args.seed)
-    encoder, pool = build_vision_encoder(vision), AttentionPool(vision.width, cfg.pool_heads)
+    encoder = build_vision_encoder(vision, (cfg.preprocess.norm_mean, cfg.preprocess.norm_std))
+    pool = AttentionPool(vision.width, cfg.pool_heads)
     head = torch.nn.Linear(vision.width, len(names))
     params = [*encoder.parameters(), *pool.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)

@@ -48,6 +48,15 @@ class VisionConfig:
             ``conv_stem_kernel``, GELU after each) run inside each patch before the patch embedding, which
             then covers ``patch_size / conv_stem_kernel**len(conv_stem)`` of their output; the token grid
             is unchanged. ``[]`` = a plain linear patch embedding (ViT's).
+        input_windows: intensity windows the encoder sees as input channels, in place of the one input
+            channel. Each is ``[low, high, mean, std]``: the voxels' ``[0, 1]`` intensity (the
+            preprocessing's scale before ``norm_mean``/``norm_std``: CT by ``preprocess.hu_window``, MR
+            by its percentiles) is clipped to ``[low, high]``, scaled to ``[0, 1]``, then standardised as
+            ``(c - mean) / std``. A fixed, parameter-free map (CT practice: a soft-tissue and a
+            metal window side by side). It gives a linear patch embedding what one wide window cannot:
+            a window that is zero except on a rare, small structure (a 2.5 mm wire at 3000 HU) adds up
+            to a feature wherever the structure sits in the patch, and its ``std`` (the channel's spread
+            on the training data) puts it at the scale of the other channels. ``[]`` = the input as is.
     """
 
     kind: str = "vit"
@@ -65,6 +74,7 @@ class VisionConfig:
     gradient_checkpointing: bool = False
     conv_stem: tuple[int, ...] = ()
     conv_stem_kernel: int = 4
+    input_windows: tuple[tuple[float, float, float, float], ...] = ()
 
 
 @dataclass
@@ -272,6 +282,11 @@ def validate(cfg: ModelConfig) -> None:
     if v.kind == "vit" and (v.conv_stem_kernel < 1 or any(p % stem_stride for p in v.patch_size)):
         raise ValueError(f"vision.patch_size {v.patch_size} should be divisible by vision.conv_stem_kernel "
                          f"** len(vision.conv_stem) = {stem_stride}.")
+    for window in v.input_windows:
+        if (len(window) != 4 or not all(math.isfinite(float(w)) for w in window)
+                or not 0.0 <= window[0] < window[1] <= 1.0 or not window[3] > 0):
+            raise ValueError(f"vision.input_windows: each window should be [low, high, mean, std] with "
+                             f"0 <= low < high <= 1 and std > 0, got {list(window)}.")
     if cfg.text.trainable_layers < -1 or cfg.text.cache_size < 0:
         raise ValueError(f"text.trainable_layers should be >= -1 and text.cache_size >= 0, got "
                          f"{cfg.text.trainable_layers} and {cfg.text.cache_size}.")

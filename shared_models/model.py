@@ -44,7 +44,7 @@ class FoundationModel(nn.Module):
         width = cfg.vision.width
         self.findings = get_vocabulary(cfg.vocabulary)
         self.tokenizer = load_tokenizer(cfg.text)
-        self.vision = build_vision_encoder(cfg.vision)
+        self.vision = build_vision_encoder(cfg.vision, (cfg.preprocess.norm_mean, cfg.preprocess.norm_std))
         self.text = TextEncoder(cfg.text, self.tokenizer)
         self.vision_pool = AttentionPool(width, cfg.pool_heads)
         self.vision_proj = nn.Linear(width, cfg.embed_dim, bias=False)

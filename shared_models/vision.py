@@ -140,13 +140,16 @@ class ViT3D(nn.Module):
     Args:
         cfg: the ``vision`` section of the model config.
         in_channels: input channels (1 for CT/MR).
+        input_norm: the preprocessing's ``(norm_mean, norm_std)``, which ``cfg.input_windows`` undo.
     """
 
-    def __init__(self, cfg: VisionConfig, in_channels: int = 1) -> None:
+    def __init__(self, cfg: VisionConfig, in_channels: int = 1, input_norm: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_size = tuple(cfg.patch_size)
         self.width = cfg.width
+        self.windows = IntensityWindows(cfg.input_windows, input_norm, in_channels)
+        in_channels = self.windows.out_channels
         self.stem = PatchStem(in_channels, cfg.conv_stem, cfg.conv_stem_kernel)
         stem_out = cfg.conv_stem[-1] if cfg.conv_stem else in_channels
         kernel = tuple(p // cfg.conv_stem_kernel ** len(cfg.conv_stem) for p in self.patch_size)
@@ -175,7 +178,7 @@ class ViT3D(nn.Module):
         x, scan_mask = as_study(x, scan_mask)
         b, s = x.shape[:2]
         grid = token_grid(tuple(x.shape[3:]), self.patch_size)
-        tokens = self._embed(self.stem(x.flatten(0, 1)))  # [B*S, N, W]
+        tokens = self._embed(self.stem(self.windows(x.flatten(0, 1))))  # [B*S, N, W]
         tokens = tokens + sincos_position_3d(grid, self.width, tokens.device).to(tokens.dtype)
         mask = ids_restore = None
         if mask_ratio != 0.0:
@@ -224,6 +227,34 @@ class ViT3D(nn.Module):
         else:
             x = block(x, key_mask)
         return x.reshape(b, s, n, w)
+
+
+class IntensityWindows(nn.Module):
+    """``vision.input_windows``: one input channel -> one standardised, clipped window per channel.
+
+    Each window ``[low, high, mean, std]`` is on the ``[0, 1]`` intensity scale of preprocessing: the
+    input ``x`` is first mapped back to it (``u = x * norm_std + norm_mean``), then
+    ``(clip((u - low) / (high - low), 0, 1) - mean) / std``. No parameters; an identity without windows.
+    """
+
+    def __init__(self, windows, input_norm: tuple[float, float], in_channels: int = 1) -> None:
+        super().__init__()
+        self.out_channels = len(windows) if windows else in_channels
+        if windows and in_channels != 1:
+            raise ValueError(f"vision.input_windows need one input channel, got {in_channels}.")
+        w = torch.tensor([list(map(float, win)) for win in windows] or [[0.0, 1.0, 0.0, 1.0]])
+        self.enabled = bool(windows)
+        self.norm = (float(input_norm[0]), float(input_norm[1]))
+        self.register_buffer("window", w.reshape(len(w), 4, 1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        mean, std = self.norm
+        w = self.window.to(x.dtype)
+        low, high, c_mean, c_std = w[:, 0], w[:, 1], w[:, 2], w[:, 3]  # each [C, 1, 1, 1]
+        u = x * std + mean  # [N, 1, D, H, W] on the [0, 1] scale
+        return (((u - low) / (high - low)).clamp(0.0, 1.0) - c_mean) / c_std
 
 
 class PatchStem(nn.Module):
@@ -289,12 +320,14 @@ class ResNet3DEncoder(nn.Module):
     across a site's batch. Hierarchical attention and MAE masking need a ViT.
     """
 
-    def __init__(self, cfg: VisionConfig, in_channels: int = 1) -> None:
+    def __init__(self, cfg: VisionConfig, in_channels: int = 1, input_norm: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
 
         self.cfg = cfg
         self.width = cfg.width
+        self.windows = IntensityWindows(cfg.input_windows, input_norm, in_channels)
+        in_channels = self.windows.out_channels
         self.net = ResNet(
             block=cfg.resnet_block,
             layers=list(cfg.resnet_layers),
@@ -316,7 +349,7 @@ class ResNet3DEncoder(nn.Module):
         x, scan_mask = as_study(x, scan_mask)
         b, s = x.shape[:2]
         net = self.net
-        f = net.act(net.bn1(net.conv1(x.flatten(0, 1))))
+        f = net.act(net.bn1(net.conv1(self.windows(x.flatten(0, 1)))))
         if not net.no_max_pool:
             f = net.maxpool(f)
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
@@ -346,11 +379,13 @@ def _swap_batch_norm(module: nn.Module, groups: int) -> None:
             _swap_batch_norm(child, groups)
 
 
-def build_vision_encoder(cfg: VisionConfig) -> nn.Module:
+def build_vision_encoder(cfg: VisionConfig, input_norm: tuple[float, float] = (0.0, 1.0)) -> nn.Module:
+    """The encoder of ``cfg.kind``; ``input_norm`` is the preprocessing's ``(norm_mean, norm_std)``
+    (what ``cfg.input_windows`` undo to reach the ``[0, 1]`` intensity scale)."""
     if cfg.kind == "vit":
-        return ViT3D(cfg)
+        return ViT3D(cfg, input_norm=input_norm)
     if cfg.kind == "resnet":
-        return ResNet3DEncoder(cfg)
+        return ResNet3DEncoder(cfg, input_norm=input_norm)
     raise ValueError(f"vision.kind should be 'vit' or 'resnet', got {cfg.kind!r}.")
 
 
@@ -374,6 +409,6 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "VisionOutput", "ViT3D", "ResNet3DEncoder", "build_vision_encoder", "patchify", "random_masking",
+    "VisionOutput", "ViT3D", "ResNet3DEncoder", "IntensityWindows", "build_vision_encoder", "patchify", "random_masking",
     "sincos_position_3d", "as_study", "token_grid", "Attention", "Block", "count_parameters",
 ]

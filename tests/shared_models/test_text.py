@@ -238,7 +238,7 @@ def test_the_findings_prompt_lets_the_decoder_write_each_study_its_own_findings(
     tokens = torch.zeros(3, 8, model.cfg.vision.width)  # the same (empty) image for every study
     valid = torch.ones(3, 8, dtype=torch.bool)
     opt = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(300):  # 150 fitted some seeds only
         memory, mvalid = decoder.memory(tokens, valid, (2, 2, 2), 1, probs)
         logits = decoder(memory, mvalid, enc["input_ids"], enc["attention_mask"])
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())

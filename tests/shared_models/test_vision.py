@@ -204,3 +204,46 @@ def test_mae_masking_with_a_stem_hides_the_masked_patches():
     assert torch.allclose(model(changed, mask_ratio=0.5, mask_noise=noise).tokens, out.tokens, atol=1e-6)
     changed[..., :8, :8, 8:] += 5.0  # patch 1, kept
     assert not torch.allclose(model(changed, mask_ratio=0.5, mask_noise=noise).tokens, out.tokens, atol=1e-4)
+
+
+def _hu_volume(wire_hu: float) -> torch.Tensor:
+    """A preprocessed tiny-preset volume of soft tissue (40 HU) with a 2-voxel wire at ``wire_hu``."""
+    from shared_models.config import load_preset
+    from shared_models.volumes import preprocess_volume
+
+    hu = torch.full((64, 64, 64), 40.0)
+    hu[30:32, 30:32, 10:50] = wire_hu
+    return preprocess_volume(hu, (5.0, 5.0, 5.0), "CT", load_preset("tiny"))[None]
+
+
+def test_the_metal_window_sees_metal_that_the_soft_tissue_window_clips():
+    from shared_models.config import load_preset
+    from shared_models.vision import IntensityWindows
+
+    cfg = load_preset("tiny")
+    windows = IntensityWindows(cfg.vision.input_windows, (cfg.preprocess.norm_mean, cfg.preprocess.norm_std))
+    bone, metal = windows(_hu_volume(1000.0)), windows(_hu_volume(3000.0))
+    assert bone.shape == metal.shape == (1, 2, 64, 64, 64)
+    soft, wire = (slice(None), slice(None), 0, 0, 0), (slice(None), slice(None), 30, 30, 20)
+    assert torch.allclose(bone[soft], metal[soft])                  # 40 HU: the same in both volumes
+    assert torch.allclose(bone[wire][:, 0], metal[wire][:, 0])      # soft-tissue window: both clipped at 1000 HU
+    low, high, mean, std = cfg.vision.input_windows[1]
+    assert torch.allclose(bone[wire][:, 1], torch.tensor((0.0 - mean) / std))          # metal window: 1000 HU is 0
+    assert torch.allclose(metal[wire][:, 1], torch.tensor((1.0 - mean) / std), atol=1e-3)  # ... 3000 HU its top
+    # the soft-tissue channel is the -1000..1000 HU window, standardised by the preset's mean/std
+    low, high, mean, std = cfg.vision.input_windows[0]
+    assert torch.allclose(metal[soft][:, 0], torch.tensor(((1040.0 / 4000.0 - low) / (high - low) - mean) / std),
+                          atol=1e-3)
+
+
+def test_input_windows_change_the_encoder_input_not_its_state_dict_layout():
+    from shared_models.config import load_preset
+    from shared_models.vision import build_vision_encoder
+
+    cfg = load_preset("tiny")
+    torch.manual_seed(0)
+    enc = build_vision_encoder(cfg.vision, (cfg.preprocess.norm_mean, cfg.preprocess.norm_std)).eval()
+    assert enc.patch_embed.weight.shape[1] == 2                     # two channels into the patch embedding
+    assert not any("window" in k for k in enc.state_dict())          # a fixed map: nothing to send or save
+    with torch.no_grad():
+        assert not torch.allclose(enc(_hu_volume(1000.0)).tokens, enc(_hu_volume(3000.0)).tokens, atol=1e-4)
