@@ -39,10 +39,11 @@ class ProbeDecoder(nn.Module):
 
     Args:
         width: token width. classes: output classes (background included). upsamples: log2 of the
-            volume size over the token grid size. channels: decoder channels.
+            volume size over the token grid size. channels: decoder channels. in_channels: channels of
+            the volume the skip reads (the encoder's input windows, ``vision.input_windows``).
     """
 
-    def __init__(self, width: int, classes: int, upsamples: int, channels: int = 16) -> None:
+    def __init__(self, width: int, classes: int, upsamples: int, channels: int = 16, in_channels: int = 1) -> None:
         super().__init__()
         from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
@@ -53,7 +54,7 @@ class ProbeDecoder(nn.Module):
                                           res_block=True, **common)
         else:
             self.grid_up = nn.Conv3d(width, channels, kernel_size=1)
-        self.skip = UnetrBasicBlock(in_channels=1, out_channels=channels, kernel_size=3, stride=1, res_block=True, **common)
+        self.skip = UnetrBasicBlock(in_channels=in_channels, out_channels=channels, kernel_size=3, stride=1, res_block=True, **common)
         self.merge = UnetrUpBlock(in_channels=channels, out_channels=channels, kernel_size=3, upsample_kernel_size=2,
                                   res_block=True, **common)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=channels, out_channels=classes)
@@ -119,11 +120,14 @@ def segmentation_probe(model, cohort: str | Path, masks_dir: str | Path, label_n
         train_idx, test_idx = np.arange(len(studies) - 1), np.array([len(studies) - 1])
     device = model.device
     feats = [_token_grid(model, s["volume"].to(device)) for s in studies]
-    volumes = [s["volume"].to(device) for s in studies]
+    windows = getattr(model.vision, "windows", None)  # the skip sees what the encoder sees: its input windows
+    with torch.no_grad():
+        volumes = [windows(s["volume"].to(device)) if windows is not None else s["volume"].to(device)
+                   for s in studies]
     size = tuple(studies[0]["labels"].shape)
     upsamples = max(1, int(round(math.log2(size[0] / feats[0].shape[2]))))
     torch.manual_seed(seed)
-    decoder = ProbeDecoder(feats[0].shape[1], len(present) + 1, upsamples).to(device)
+    decoder = ProbeDecoder(feats[0].shape[1], len(present) + 1, upsamples, in_channels=volumes[0].shape[1]).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     rng = np.random.default_rng(seed)
