@@ -339,8 +339,9 @@ def print_presets(args: argparse.Namespace, device: torch.device, peak: float | 
 # ---- part 2: our ViT3D against MONAI's ViT ----------------------------------------------------
 
 def plain_vit_config(cfg: sm.ModelConfig, checkpointing: bool):
-    """The preset's ViT as a plain ViT (every block attends over the whole scan)."""
-    return cfg.replace(vision={"study_attention_every": 0, "slice_group": 0,
+    """The preset's ViT as a plain ViT (every block attends over the whole scan) on one input channel, as
+    MONAI's ViT beside it (no ``input_windows``)."""
+    return cfg.replace(vision={"study_attention_every": 0, "slice_group": 0, "input_windows": (),
                                "gradient_checkpointing": checkpointing}).vision
 
 
