@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from shared_models.cohort import SiteDataset
-from shared_models.config import VisionConfig, build_dataclass, load_preset
+from shared_models.config import load_preset
 from shared_models.heads import AttentionPool
 from server.evaluation.classification import per_finding_auroc
 from shared_models.vision import build_vision_encoder
@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_preset(args.preset)
-    vision = build_dataclass(VisionConfig, {**cfg.vision.__dict__, **json.loads(args.vision)}, "--vision")
+    vision = cfg.replace(vision=json.loads(args.vision)).vision  # validated as a preset's vision section
     root = Path(args.cohort)
     sites = sorted(p.parent for p in root.glob("site-*/cache"))
     if not sites or not (root / "central" / "cache").is_dir():

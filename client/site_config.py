@@ -164,7 +164,14 @@ class SiteConfig:
             overrides["text"] = {"model_dir": self.text_model_dir}
         if self.preprocess:
             overrides["preprocess"] = self.preprocess
-        return cfg.replace(**overrides) if overrides else cfg
+        out = cfg.replace(**overrides) if overrides else cfg
+        if out.vision.input_windows and tuple(out.preprocess.hu_window) != tuple(cfg.preprocess.hu_window):
+            # the encoder's windows are fractions of the model's HU window: another window here would
+            # feed the federation's weights other intensities under the same names
+            raise ValueError(f"hu_window {list(out.preprocess.hu_window)}: model {preset or self.model!r} "
+                             f"reads intensity windows (vision.input_windows) set on its own HU window "
+                             f"{list(cfg.preprocess.hu_window)}; remove preprocess.hu_window from the site YAML.")
+        return out
 
     def preprocess_config(self) -> PreprocessConfig:
         return self.model_config().preprocess

@@ -57,6 +57,10 @@ class VisionConfig:
             a window that is zero except on a rare, small structure (a 2.5 mm wire at 3000 HU) adds up
             to a feature wherever the structure sits in the patch, and its ``std`` (the channel's spread
             on the training data) puts it at the scale of the other channels. ``[]`` = the input as is.
+            The encoder does not know a volume's modality: the same windows act on MR's percentile
+            scale, where HU windows mean nothing (``tiny``'s metal window would take MR's bright half).
+            A preset that mixes CT and MR leaves them off or picks windows that suit both; a site
+            cannot change ``preprocess.hu_window`` under them (its site YAML is refused).
     """
 
     kind: str = "vit"

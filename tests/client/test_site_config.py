@@ -59,6 +59,9 @@ def test_preprocess_overrides_apply_to_the_model_preset(export):
         (GOOD.replace("  dicom_root: dicom\n", "  dicom_root: dicom\n  modalities: [CT, PET]\n"), "data.modalities: should list CT and/or MR"),
         (GOOD.replace("  dicom_root: dicom\n", "  dicom_root: dicom\n  labeler: {kind: llm}\n"), "data.labeler: kind 'llm' needs endpoint"),
         (GOOD + "preprocess: {size: [60, 64, 64]}\n", "preprocess: .*divisible"),
+        (GOOD + "preprocess: {hu_window: [-1000.0, 1000.0]}\n",
+         "preprocess: hu_window \\[-1000.0, 1000.0\\]: model 'tiny' reads intensity windows "
+         "\\(vision.input_windows\\) set on its own HU window \\[-1000.0, 3000.0\\]; remove preprocess.hu_window"),
         ("- a list\n", "expected a mapping"),
     ],
 )
