@@ -242,13 +242,12 @@ class IntensityWindows(nn.Module):
         self.out_channels = len(windows) if windows else in_channels
         if windows and in_channels != 1:
             raise ValueError(f"vision.input_windows need one input channel, got {in_channels}.")
-        w = torch.tensor([list(map(float, win)) for win in windows] or [[0.0, 1.0, 0.0, 1.0]])
-        self.enabled = bool(windows)
         self.norm = (float(input_norm[0]), float(input_norm[1]))
-        self.register_buffer("window", w.reshape(len(w), 4, 1, 1, 1), persistent=False)
+        w = torch.tensor([list(map(float, win)) for win in windows]).reshape(-1, 4, 1, 1, 1) if windows else None
+        self.register_buffer("window", w, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
+        if self.window is None:
             return x
         mean, std = self.norm
         w = self.window.to(x.dtype)

@@ -120,10 +120,8 @@ def segmentation_probe(model, cohort: str | Path, masks_dir: str | Path, label_n
         train_idx, test_idx = np.arange(len(studies) - 1), np.array([len(studies) - 1])
     device = model.device
     feats = [_token_grid(model, s["volume"].to(device)) for s in studies]
-    windows = getattr(model.vision, "windows", None)  # the skip sees what the encoder sees: its input windows
-    with torch.no_grad():
-        volumes = [windows(s["volume"].to(device)) if windows is not None else s["volume"].to(device)
-                   for s in studies]
+    with torch.no_grad():  # the skip sees what the encoder sees: its input windows (vision.input_windows)
+        volumes = [model.vision.windows(s["volume"].to(device)) for s in studies]
     size = tuple(studies[0]["labels"].shape)
     upsamples = max(1, int(round(math.log2(size[0] / feats[0].shape[2]))))
     torch.manual_seed(seed)
